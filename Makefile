@@ -1,0 +1,39 @@
+# Set-up is part of every target: the virtual environment is created from
+# nothing when missing (pinned by constraints.txt for this environment) and
+# reused otherwise.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export MPLBACKEND := Agg
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv test demo lint format bench clean
+
+$(STAMP): pyproject.toml constraints.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e . -r requirements-dev.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	@bash scripts/demo.sh $(VENV)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform tests bench jobs serve
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format platform tests bench jobs serve
+
+clean:
+	rm -rf outputs .pytest_cache

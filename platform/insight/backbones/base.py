@@ -1,0 +1,46 @@
+"""The encoder protocol every backbone implements.
+
+Anything that maps images to a (B, H, W, D) grid of patch vectors and strings to
+(N, D) text vectors in the same space can drive the pipeline: the cache, the
+SAE and the concept steps only ever see these two tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    dim: int  # D of the joint space
+    image_size: int  # square input side the preprocessing produces
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def encode_patches(self, images_bchw: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) -> patch vectors (B, S/p, S/p, D), float32."""
+        ...
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Strings -> unit-norm text vectors (N, D), float32."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the features, for the cache address."""
+        ...
+
+
+def embed_classnames(
+    backbone: Backbone, names: list[str], templates: list[str], batch: int = 256
+) -> torch.Tensor:
+    """Average each name over prompt templates, renormalised: (N, D) unit vectors."""
+    if not names:
+        raise ValueError("no class names to embed")
+    prompts = [t.format(n) for n in names for t in templates]
+    chunks = [backbone.encode_text(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
+    text_ptd = torch.cat(chunks).reshape(len(names), len(templates), -1)
+    text_ptd = torch.nn.functional.normalize(text_ptd, dim=-1)
+    return torch.nn.functional.normalize(text_ptd.mean(1), dim=-1)

@@ -1,0 +1,395 @@
+"""One typed schema for the whole pipeline.
+
+Every step reads the same `InsightConfig`: a YAML file (``--config``) merged with
+``--set a.b=value`` overrides, validated before any work starts. The schema is
+the single source of defaults; the YAML files in ``configs/`` only say what
+differs. Errors name the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Reference group fractions of METHOD.md section 2 (paper profile, depth 6).
+REFERENCE_FRACTIONS = (0.008, 0.03, 0.06, 0.12, 0.24, 0.542)
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a {} object.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a cropped photo of the {}.",
+    "itap of a {}.",
+    "a good photo of the {}.",
+)
+
+
+class ConfigError(ValueError):
+    """A config problem found before any work starts; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DinoiserConfig(Section):
+    heads: str | None = Field(
+        None, description="State dict with obj_proj.* and bkg_decoder.* tensors; None disables."
+    )
+    gamma: float = Field(0.2, ge=0.0, le=1.0, description="Correlation threshold.")
+    block: int = Field(-3, le=-1, description="Block whose second layer norm feeds the heads.")
+
+
+class BackboneConfig(Section):
+    kind: Literal["openclip"] = Field("openclip", description="Which encoder family.")
+    model: str = Field("ViT-B-16", description="open_clip model name.")
+    pretrained: str | None = Field(
+        "laion2b_s34b_b88k",
+        description="open_clip pretrained tag, a local checkpoint path, or null for random init.",
+    )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="An open_clip model config (embed_dim, vision_cfg, text_cfg) registered under"
+        " `model`; lets tests and laptops use tiny models.",
+    )
+    image_size: int = Field(224, ge=16, le=4096, description="Square input side in pixels.")
+    seed: int = Field(0, description="Seed of the random init when pretrained is null.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
+    dinoiser: DinoiserConfig = Field(default_factory=DinoiserConfig)
+
+    @model_validator(mode="after")
+    def _templates_have_slot(self) -> BackboneConfig:
+        for t in self.templates:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
+        return self
+
+
+class AugmentConfig(Section):
+    scale_min: float = Field(0.5, gt=0.0, le=1.0, description="RandomResizedCrop lower scale.")
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class DataConfig(Section):
+    kind: Literal["samples", "folder", "coco", "voc"] = Field(
+        "samples",
+        description="samples: real images shipped in installed packages; folder: any image"
+        " folder; coco: COCO json + image dir; voc: JPEGImages + SegmentationClass pairs.",
+    )
+    root: str | None = Field(None, description="Dataset root (folder, coco images, voc root).")
+    annotations: str | None = Field(None, description="COCO annotation json (coco only).")
+    masks: str | None = Field(None, description="Mask folder (voc only); default root/SegmentationClass.")
+    max_images: int | None = Field(None, ge=1)
+    views: int = Field(1, ge=1, le=256, description="Views per image; >1 adds augmented views.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _needs_root(self) -> DataConfig:
+        if self.kind in ("folder", "coco", "voc") and not self.root:
+            raise ValueError(f"data.root is required when data.kind is {self.kind!r}")
+        if self.kind == "coco" and not self.annotations:
+            raise ValueError("data.annotations (a COCO json) is required when data.kind is 'coco'")
+        return self
+
+
+class CacheConfig(Section):
+    root: str = Field("{workdir}/cache", description="Local folder or pyarrow URI (s3://, gs://).")
+    dtype: Literal["float32", "float16"] = "float32"
+    shard_images: int = Field(64, ge=1, description="Images (views) per shard file.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of images held out for validation (by id hash)."
+    )
+
+
+class ExtractConfig(Section):
+    batch_size: int = Field(16, ge=1, description="Images per backbone forward.")
+    num_workers: int = Field(1, ge=1, description="Backbone replicas in the Ray Data pool.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class SAEConfig(Section):
+    arch: Literal["matryoshka_batchtopk"] = "matryoshka_batchtopk"
+    expansion: int = Field(16, ge=1, le=256, description="M = expansion * D concepts.")
+    k: int = Field(12, ge=1, description="Average active concepts per patch (BatchTopK).")
+    depth: int | None = Field(
+        None, ge=1, le=16, description="Hierarchy depth; derives fractions when they are unset."
+    )
+    group_fractions: list[float] | None = Field(
+        None, description="Nested group fractions summing to 1; default: the reference six."
+    )
+    aux_alpha: float = Field(1 / 32, ge=0.0)
+    aux_k: int | None = Field(None, ge=1, description="Dead concepts used by AuxK; default D/2.")
+    dead_tokens: int = Field(10_000_000, ge=1, description="Tokens without firing => dead.")
+    threshold_beta: float = Field(0.999, gt=0.0, lt=1.0)
+    threshold_start_step: int = Field(1000, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SAEConfig:
+        fr = self.group_fractions
+        if fr is not None:
+            if any(f <= 0 for f in fr):
+                raise ValueError(f"sae.group_fractions must be positive, got {fr}")
+            if abs(sum(fr) - 1.0) > 1e-3:
+                raise ValueError(f"sae.group_fractions must sum to 1, got {sum(fr):.4f}")
+            if self.depth is not None and self.depth != len(fr):
+                raise ValueError(
+                    f"sae.depth={self.depth} disagrees with {len(fr)} sae.group_fractions"
+                )
+        return self
+
+    def fractions(self) -> list[float]:
+        """Group fractions: explicit, else the reference six, else doubling groups.
+
+        Rule for a depth d alone: group g gets 2^g / (2^d - 1) of the dictionary, so
+        each level is twice the one above it (the shape of the reference fractions);
+        depth 6 without fractions gives the reference fractions themselves.
+        """
+        if self.group_fractions is not None:
+            return list(self.group_fractions)
+        if self.depth is None or self.depth == len(REFERENCE_FRACTIONS):
+            return list(REFERENCE_FRACTIONS)
+        total = 2**self.depth - 1
+        return [2**g / total for g in range(self.depth)]
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(16384, ge=2, description="Global batch in patch tokens.")
+    lr: float = Field(1e-4, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(50, ge=1)
+    max_failures: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(65536, ge=0, description="Local shuffle buffer in tokens.")
+    seed: int = 0
+
+
+class SweepConfig(Section):
+    num_samples: int = Field(4, ge=1)
+    search: Literal["grid", "random", "optuna"] = "random"
+    space: dict[str, list[Any]] = Field(
+        default_factory=lambda: {"sae.k": [8, 12, 16, 32], "sae.depth": [1, 3, 6]},
+        description="Dotted config key -> list of choices (grid/random) .",
+    )
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    asha_grace_steps: int = Field(5, ge=1)
+    max_l0: float | None = Field(None, gt=0, description="Selection: best val FVU with L0 <= this.")
+
+
+class ConceptsConfig(Section):
+    eps: float = Field(0.001, ge=0)
+    tau: float = Field(0.75, gt=0, le=1)
+    radius: int = Field(0, ge=0, description="Co-occurrence neighbourhood radius in patches.")
+    top_n: int = Field(30, ge=1)
+    vocab_size: int = Field(20000, ge=10)
+    family_scale: float = Field(1.33, gt=0)
+    candidates: int = Field(5, ge=1)
+
+
+class TasksConfig(Section):
+    temperature: float = Field(100.0, gt=0)
+    crop: int = Field(448, ge=16)
+    stride: int = Field(224, ge=8)
+    bg_threshold: float = Field(0.99, ge=0, le=1)
+    probe_l1: float = Field(1e-4, ge=0)
+    probe_lr: float = Field(1e-4, gt=0)
+    probe_batch: int = Field(512, ge=1)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_s: float = Field(0.01, ge=0)
+    api_key: str | None = None
+    max_body_bytes: int = Field(20 * 2**20, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_classes: int = Field(100, ge=1)
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite in workdir."
+    )
+    experiment: str = "insight"
+    registered_model: str = "insight"
+    alias: str = "champion"
+
+    def resolved_uri(self, workdir: str) -> str:
+        if self.uri:
+            return self.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(None, description="Ray address; None starts or joins a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by a step.")
+    image: str | None = Field(None, description="Container image for submitted jobs.")
+
+
+class InsightConfig(Section):
+    name: str = "insight"
+    workdir: str = Field("outputs", description="Where caches, checkpoints and the MLflow db go.")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    def path(self, template: str) -> str:
+        """Expand ``{workdir}`` in a configured path."""
+        return template.replace("{workdir}", self.workdir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _fields_of(model: type[BaseModel]) -> dict[str, Any]:
+    out = {}
+    for name, f in model.model_fields.items():
+        out[f.alias or name] = f
+    return out
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = InsightConfig
+    for part in loc:
+        fields = _fields_of(model)
+        f = fields.get(part)
+        ann = getattr(f, "annotation", None) if f else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = _section_model(loc[:-1])
+            allowed = sorted(_fields_of(parent)) if parent else []
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            msg = f"  unknown key '{key}'"
+            if hint:
+                msg += f" (did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?)"
+            if allowed:
+                msg += f"; allowed keys here: {', '.join(allowed)}"
+            lines.append(msg)
+            continue
+        bad = e.get("input")
+        shown = json.dumps(bad, default=str) if not isinstance(bad, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  '{key}' = {shown}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as a YAML scalar/list (``8``, ``true``, ``[1,2]``, ``null``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, _, raw = assignment.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {assignment!r}")
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        prefix = tuple(parts[: i + 1])
+        parent = _section_model(prefix[:-1])
+        field = _fields_of(parent).get(part) if parent is not None else None
+        if field is not None and _section_model(prefix) is None and "dict" not in str(field.annotation):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {key}: '{'.'.join(prefix)}' is a value, not a section")
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(
+                f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section"
+            )
+        node = nxt
+    node[parts[-1]] = parse_value(raw)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> InsightConfig:
+    """Read YAML (optional), apply ``--set`` overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top, not {type(loaded).__name__}")
+        data = loaded
+        source = str(p)
+    for ov in overrides or []:
+        apply_override(data, ov)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return InsightConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def config_with(cfg: InsightConfig, overrides: dict[str, Any]) -> InsightConfig:
+    """A copy of ``cfg`` with dotted-key overrides, validated (used by sweeps)."""
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        apply_override(data, f"{key}={json.dumps(value)}")
+    try:
+        return InsightConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, "overrides")) from None

@@ -1,0 +1,55 @@
+"""COCO-format datasets through pycocotools: images, category names, semantic masks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from insight.data.datasets import ImageDataset, ImageRecord
+
+
+@lru_cache(maxsize=8)
+def _coco(annotations: str):
+    from pycocotools.coco import COCO
+
+    p = Path(annotations)
+    if not p.is_file():
+        raise FileNotFoundError(f"data.annotations: no COCO json at {p}")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        try:
+            return COCO(str(p))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"data.annotations: {p} is not a COCO annotation file: {exc}") from exc
+
+
+def coco_dataset(annotations: str, root: str) -> ImageDataset:
+    coco = _coco(str(Path(annotations).resolve()))
+    cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
+    base = Path(root)
+    records = [
+        ImageRecord(str(Path(img["file_name"]).with_suffix("")), str(base / img["file_name"]), coco_id=img["id"])
+        for img in sorted(coco.loadImgs(coco.getImgIds()), key=lambda i: i["id"])
+    ]
+    if not records:
+        raise ValueError(f"data.annotations: {annotations} lists no images")
+    return ImageDataset("coco", str(base), records, class_names=[c["name"] for c in cats],
+                        annotations=str(Path(annotations).resolve()))
+
+
+def coco_semantic_mask(annotations: str, image_id: int, class_names: list[str], ignore_index: int) -> np.ndarray:
+    """Index map (H, W): category position in ``class_names``; unlabelled pixels ``ignore_index``.
+
+    Larger annotations are painted first so small objects on top of them stay visible.
+    """
+    coco = _coco(annotations)
+    info = coco.loadImgs([image_id])[0]
+    mask = np.full((info["height"], info["width"]), ignore_index, dtype=np.int64)
+    cat_pos = {c["id"]: i for i, c in enumerate(sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"]))}
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))
+    for ann in sorted(anns, key=lambda a: -a.get("area", 0)):
+        mask[coco.annToMask(ann) > 0] = cat_pos[ann["category_id"]]
+    return mask

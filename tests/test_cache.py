@@ -1,0 +1,141 @@
+"""The activation cache: extraction counts, idempotence, resume, corruption, import, readers."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from insight.cache import CacheError, CacheReader, is_validation
+from insight.cache.extract import extract
+from insight.cache.importer import import_features
+
+
+def test_extract_counts_and_idempotence(tiny_cache):
+    cfg, result = tiny_cache
+    reader = CacheReader(result["cache"])
+    m = reader.manifest
+    assert result["new_shards"] == len(m.shards) > 1
+    assert m.grid == (7, 7) and m.dim == 64
+    assert m.num_images == result["images"] == 25 * cfg.data.views
+    assert m.num_tokens == m.num_images * 49 == result["tokens"]
+    ids = [i for i, _ in reader.iter_images()]
+    assert len(ids) == len(set(ids)) == m.num_images and "chelsea#v3" in ids
+    again = extract(cfg, progress=False)
+    assert again["new_shards"] == 0 and again["key"] == result["key"] and again["tokens"] == result["tokens"]
+
+
+def test_cache_key_follows_what_made_it(tiny_cache, tiny_cfg):
+    from insight.backbones import build_backbone
+    from insight.cache.extract import cache_identity
+    from insight.cache.format import content_key
+    from insight.data import build_dataset
+
+    cfg, result = tiny_cache
+    ds = build_dataset(cfg.data, cfg.workdir)
+    bb = build_backbone(cfg.backbone, device="cpu")
+    base = content_key(cache_identity(cfg, bb.identity(), ds.identity()))
+    assert base == result["key"]
+    half = tiny_cfg("cache.dtype=float16")
+    assert content_key(cache_identity(half, bb.identity(), ds.identity())) != base
+    seeded = build_backbone(tiny_cfg("backbone.seed=7").backbone, device="cpu")
+    assert content_key(cache_identity(cfg, seeded.identity(), ds.identity())) != base
+
+
+def test_interrupted_extraction_resumes(tiny_cfg, ray_local, tmp_path):
+    cfg = tiny_cfg("data.max_images=6", "data.views=2", "cache.shard_images=4", "cache.dtype=float16")
+    first = extract(cfg, progress=False)
+    loc = Path(first["cache"])
+    before = {p.name: p.stat().st_mtime_ns for p in (loc / "shards").glob("*.parquet")}
+    assert len(before) == 3
+    # Simulate a crash: the manifest never got written and one shard is lost.
+    os.remove(loc / "manifest.json")
+    os.remove(loc / "shards" / "shard-00001.parquet")
+    second = extract(cfg, progress=False)
+    assert second["new_shards"] == 1 and second["tokens"] == first["tokens"] == 12 * 49
+    after = {p.name: p.stat().st_mtime_ns for p in (loc / "shards").glob("*.parquet")}
+    assert after["shard-00000.parquet"] == before["shard-00000.parquet"]
+    reader = CacheReader(str(loc))
+    assert reader.manifest.dtype == "float16"
+    assert not list((loc / "shards").glob(".tmp-*"))
+
+
+def test_corrupt_and_missing_shards_are_named(tmp_path):
+    arr = np.random.default_rng(0).standard_normal((10, 2, 3, 4)).astype(np.float32)
+    np.save(tmp_path / "f.npy", arr)
+    res = import_features(str(tmp_path / "f.npy"), str(tmp_path / "cache"), shard_images=4)
+    loc = Path(res["cache"])
+    shard = loc / "shards" / "shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    reader = CacheReader(str(loc))
+    with pytest.raises(CacheError, match="shard-00001.parquet is corrupt"):
+        list(reader.iter_images())
+    os.remove(shard)
+    with pytest.raises(CacheError, match="shard-00001.parquet is missing"):
+        list(reader.iter_images())
+    with pytest.raises(CacheError, match="manifest.json is missing"):
+        CacheReader(str(tmp_path / "nothing"))
+
+
+def test_import_round_trip_with_text(tmp_path):
+    rng = np.random.default_rng(1)
+    arr = rng.standard_normal((9, 3, 3, 8)).astype(np.float32)
+    np.save(tmp_path / "f.npy", arr)
+    (tmp_path / "ids.txt").write_text("\n".join(f"img{i}" for i in range(9)))
+    text = rng.standard_normal((4, 8)).astype(np.float32)
+    np.save(tmp_path / "t.npy", text)
+    (tmp_path / "w.txt").write_text("cat\ndog\ncup\nsky\n")
+    res = import_features(str(tmp_path / "f.npy"), str(tmp_path / "c"), ids=str(tmp_path / "ids.txt"),
+                          shard_images=4, text=str(tmp_path / "t.npy"), words=str(tmp_path / "w.txt"))
+    reader = CacheReader(res["cache"])
+    got = dict(reader.iter_images())
+    np.testing.assert_array_equal(got["img5"], arr[5])
+    words, vecs = reader.text_embeddings()
+    assert words == ["cat", "dog", "cup", "sky"]
+    np.testing.assert_array_equal(vecs, text)
+    again = import_features(str(tmp_path / "f.npy"), str(tmp_path / "c"), ids=str(tmp_path / "ids.txt"),
+                            shard_images=4, text=str(tmp_path / "t.npy"), words=str(tmp_path / "w.txt"))
+    assert again["new_shards"] == 0
+    toks = np.concatenate(list(reader.iter_tokens(batch_size=7)))
+    assert toks.shape == (81, 8)
+
+
+def test_import_rejects_bad_input(tmp_path):
+    np.save(tmp_path / "flat.npy", np.zeros((4, 8), np.float32))
+    with pytest.raises(CacheError, match=r"\(N, H, W, D\)"):
+        import_features(str(tmp_path / "flat.npy"), str(tmp_path / "c"))
+    np.save(tmp_path / "g.npy", np.zeros((2, 1, 1, 4), np.float32))
+    (tmp_path / "ids.txt").write_text("a\n")
+    with pytest.raises(CacheError, match="1 ids for 2"):
+        import_features(str(tmp_path / "g.npy"), str(tmp_path / "c"), ids=str(tmp_path / "ids.txt"))
+
+
+def test_validation_split_holds_out_whole_images(tiny_cache):
+    cfg, result = tiny_cache
+    reader = CacheReader(result["cache"])
+    frac = cfg.cache.val_fraction
+    val = {i.split("#")[0] for i, _ in reader.iter_images("val", frac)}
+    train = {i.split("#")[0] for i, _ in reader.iter_images("train", frac)}
+    assert val and train and not (val & train)
+    assert all(is_validation(i, frac) for i in val)
+
+
+def test_ray_dataset_reader_streams_tokens(tiny_cache):
+    cfg, result = tiny_cache
+    reader = CacheReader(result["cache"])
+    ds = reader.to_ray_dataset(split="train", val_fraction=cfg.cache.val_fraction)
+    n = 0
+    for batch in ds.iter_batches(batch_size=500, batch_format="numpy"):
+        assert batch["x"].shape[1] == 64 and batch["x"].dtype == np.float32
+        n += len(batch["x"])
+    local = sum(len(t) for t in reader.iter_tokens(1000, "train", cfg.cache.val_fraction))
+    assert n == local > 0
+
+
+def test_manifest_is_plain_json(tiny_cache):
+    _, result = tiny_cache
+    m = json.loads((Path(result["cache"]) / "manifest.json").read_text())
+    assert m["num_tokens"] == result["tokens"] and all(len(s["sha256"]) == 64 for s in m["shards"])

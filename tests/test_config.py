@@ -1,0 +1,93 @@
+import pytest
+
+from insight.config import ConfigError, InsightConfig, config_with, load_config
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "quickstart.yaml", "vit-b16-paper.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert isinstance(cfg, InsightConfig)
+
+
+def test_paper_profile_matches_method():
+    cfg = load_config(ROOT / "configs" / "vit-b16-paper.yaml")
+    assert cfg.backbone.model == "ViT-B-16" and cfg.backbone.pretrained == "laion2b_s34b_b88k"
+    assert cfg.sae.expansion == 16 and cfg.sae.k == 12
+    assert cfg.sae.fractions() == [0.008, 0.03, 0.06, 0.12, 0.24, 0.542]
+    assert cfg.train.batch_size == 16384 and cfg.train.lr == 1e-4
+    assert cfg.concepts.tau == 0.75 and cfg.backbone.dinoiser.gamma == 0.2
+
+
+def test_misspelled_key_is_named_with_suggestion(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("sae:\n  expansoin: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert "sae.expansoin" in msg and "did you mean 'sae.expansion'" in msg
+
+
+def test_wrong_type_and_range_name_key_value_and_rule():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sae.k=lots"])
+    assert "'sae.k'" in str(err.value) and '"lots"' in str(err.value) and "integer" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["cache.val_fraction=1.5"])
+    assert "cache.val_fraction" in str(err.value) and "less than 1" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.kind=tarball"])
+    assert "data.kind" in str(err.value) and "'folder'" in str(err.value)
+
+
+def test_set_overrides_parse_yaml_values():
+    cfg = load_config(None, ["sae.k=16", "train.use_gpu=true", "sae.group_fractions=[0.25,0.75]",
+                             "backbone.pretrained=null"])
+    assert cfg.sae.k == 16 and cfg.train.use_gpu is True
+    assert cfg.sae.fractions() == [0.25, 0.75] and cfg.backbone.pretrained is None
+
+
+def test_set_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["sae.k"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["sae.k.x=1"])
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        load_config(None, ["nope=1"])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(None, ["sae.group_fractions=[0.5,0.6]"])
+    with pytest.raises(ConfigError, match="disagrees"):
+        load_config(None, ["sae.depth=3", "sae.group_fractions=[0.5,0.5]"])
+    with pytest.raises(ConfigError, match="data.root is required"):
+        load_config(None, ["data.kind=folder"])
+    with pytest.raises(ConfigError, match="slot"):
+        load_config(None, ["backbone.templates=['a photo']"])
+
+
+def test_depth_rule_doubles_groups():
+    fr = load_config(None, ["sae.depth=3"]).sae.fractions()
+    assert len(fr) == 3 and fr[1] == pytest.approx(2 * fr[0]) and sum(fr) == pytest.approx(1)
+    assert load_config(None, ["sae.depth=1"]).sae.fractions() == [1.0]
+
+
+def test_config_with_for_sweeps():
+    cfg = config_with(load_config(None), {"sae.k": 4, "sae.depth": 2})
+    assert cfg.sae.k == 4 and len(cfg.sae.fractions()) == 2
+    with pytest.raises(ConfigError):
+        config_with(cfg, {"sae.k": -1})
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    p.write_text("sae: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
