@@ -54,9 +54,10 @@ def run_step(fn: Callable[[], dict[str, Any]]) -> None:
 
 def _setup_logging() -> None:
     level = os.environ.get("INSIGHT_LOG", "INFO").upper()
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Libraries (open_clip logs on the root logger) stay at WARNING; our own at `level`.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("insight").setLevel(level)
 
 
 def _load(config: str | None, sets: list[str] | None) -> InsightConfig:
@@ -91,6 +92,84 @@ def extract(config: str = ConfigOpt, set_: list[str] = SetOpt,
             return {**result, "run_id": run.info.run_id}
 
     run_step(go)
+
+
+@app.command()
+def train(config: str = ConfigOpt, set_: list[str] = SetOpt,
+          resume: bool = typer.Option(False, "--resume", help="Continue the run from its latest checkpoint.")) -> None:
+    """Train the hierarchical SAE on the activation cache with Ray Train."""
+
+    def go() -> dict[str, Any]:
+        cfg = _load(config, set_)
+        from insight.training.sae import train as do_train
+
+        return do_train(cfg, resume=resume)
+
+    run_step(go)
+
+
+@app.command("train-dinoiser")
+def train_dinoiser(config: str = ConfigOpt, set_: list[str] = SetOpt,
+                   track: bool = typer.Option(True, help="Log the step to MLflow.")) -> None:
+    """Train the DINOiser refinement heads (Ray Train); use them with backbone.dinoiser.heads=<file>."""
+
+    def go() -> dict[str, Any]:
+        cfg = _load(config, set_)
+        from ray.train import TrainingFailedError
+
+        from insight.training.dinoiser import train_dinoiser as do_train
+
+        try:
+            if not track:
+                return do_train(cfg)
+            import mlflow
+
+            from insight import tracking
+
+            with tracking.step_run(cfg, "train-dinoiser") as run:
+                result = do_train(cfg, tracking={"uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id})
+                mlflow.set_tag("insight.dinoiser_heads", result["heads"])
+                mlflow.set_tag("insight.dinoiser_heads_sha256", result["heads_sha256"])
+                tracking.log_result(result)
+                mlflow.log_artifact(result["heads"], "dinoiser")
+                return {**result, "run_id": run.info.run_id}
+        except TrainingFailedError as exc:
+            raise StepFailed(f"train-dinoiser failed: {exc}") from None
+
+    run_step(go)
+
+
+@app.command()
+def sweep(config: str = ConfigOpt, set_: list[str] = SetOpt,
+          resume: bool = typer.Option(False, "--resume", help="Resume an interrupted sweep of the same name.")) -> None:
+    """Sweep sparsity, depth, expansion and lr with Ray Tune; register the best model."""
+
+    def go() -> dict[str, Any]:
+        cfg = _load(config, set_)
+        from insight.sweeps.tune import sweep as do_sweep
+
+        return do_sweep(cfg, resume=resume)
+
+    run_step(go)
+
+
+@app.command()
+def ui(config: str = ConfigOpt, set_: list[str] = SetOpt,
+       port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+       print_only: bool = typer.Option(False, "--print", help="Only print the command.")) -> None:
+    """Open the MLflow UI on the store the runs of this config used (127.0.0.1)."""
+    import shlex
+    import shutil
+
+    cfg = _load(config, set_)
+    uri = cfg.tracking.resolved_uri(cfg.workdir)
+    mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    if print_only:
+        emit({"ok": True, "command": shlex.join(cmd), "tracking_uri": uri})
+        return
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri}", err=True)
+    os.execv(cmd[0], cmd)
 
 
 @cache_app.command("import")
@@ -148,6 +227,76 @@ def cache_verify(location: str = typer.Argument(..., help="Cache folder or URI (
 def config_show(config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Print the fully resolved config (defaults + file + overrides)."""
     run_step(lambda: {"config": _load(config, set_).to_dict()})
+
+
+# ------------------------------------------------------------------ remote clusters (insight.cluster)
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Manage steps submitted to a Ray cluster: status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL, http://HOST:8265 (default: $RAY_ADDRESS).")
+
+
+def _cluster_step(fn: Callable[[], dict[str, Any]]) -> None:
+    """run_step for cluster commands; a followed job that did not succeed prints ok=false and exits 1."""
+    from insight.cluster import ClusterError, JobFailed
+
+    def go() -> dict[str, Any]:
+        try:
+            return fn()
+        except JobFailed:
+            raise
+        except ClusterError as exc:
+            raise StepFailed(str(exc)) from None
+
+    try:
+        run_step(go)
+    except JobFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        emit({"ok": False, **exc.result, "error": str(exc)})
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def submit(
+    step: str = typer.Argument(..., help="Pipeline step: a jobs/<step>.py entrypoint (train-dinoiser -> train_dinoiser.py)."),
+    step_args: list[str] = typer.Argument(None, help="After --: more arguments for the step, e.g. -- --resume."),
+    config: str = ConfigOpt, set_: list[str] = SetOpt,
+    address: str = typer.Option(None, "--address", help="Ray dashboard URL, http://HOST:8265 (default: cluster.address, $RAY_ADDRESS)."),
+    image: str = typer.Option(None, "--image", help="The cluster runs this image (Dockerfile): upload nothing (default: cluster.image)."),
+    env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE for the job's environment (repeatable)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the job ends; exit 1 unless it SUCCEEDED."),
+    submission_id: str = typer.Option(None, "--job-id", help="Submission id (default: insight-<step>-<random>)."),
+) -> None:
+    """Run a pipeline step on a remote Ray cluster as a Ray job (docs/cluster.md)."""
+    from insight import cluster
+
+    _cluster_step(lambda: cluster.submit(step, config, set_, address=address, image=image, env=env,
+                                         follow=follow, submission_id=submission_id, step_args=step_args))
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt) -> None:
+    """Status, message and metadata of a submitted job."""
+    from insight import cluster
+
+    _cluster_step(lambda: cluster.job_status(job_id, address))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt,
+              follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends; exit 1 unless it SUCCEEDED.")) -> None:
+    """Print a job's logs (its driver's stdout and stderr), then its status as JSON."""
+    from insight import cluster
+
+    _cluster_step(lambda: cluster.job_logs(job_id, address, follow=follow))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt) -> None:
+    """Stop a running job and wait until the cluster reports it ended."""
+    from insight import cluster
+
+    _cluster_step(lambda: cluster.job_stop(job_id, address))
 
 
 def main(argv: list[str] | None = None) -> None:

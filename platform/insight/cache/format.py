@@ -253,13 +253,18 @@ class CacheReader:
         if have:
             yield np.concatenate(buf)
 
-    def to_ray_dataset(self, split: str | None = None, val_fraction: float = 0.0):
-        """A Ray Dataset of patch tokens: one row per token, column ``x`` (D,) float32."""
+    def to_ray_dataset(self, split: str | None = None, val_fraction: float = 0.0, num_cpus: float = 0.5):
+        """A Ray Dataset of patch tokens: one row per token, column ``x`` (D,) float32.
+
+        Read and reshape tasks ask for ``num_cpus`` each (default half a CPU) so
+        they can run beside training workers that hold most of a node's CPUs.
+        """
         import ray.data
 
         paths = [self.shard_path(s) for s in self.manifest.shards]
         grid, dim = self.manifest.grid, self.manifest.dim
-        ds = ray.data.read_parquet(paths, filesystem=self.fs).select_columns(["image_id", "features"])
+        ds = ray.data.read_parquet(paths, filesystem=self.fs, ray_remote_args={"num_cpus": num_cpus})
+        ds = ds.select_columns(["image_id", "features"])
 
         def to_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             ids = batch["image_id"]
@@ -270,7 +275,7 @@ class CacheReader:
                 feats = feats[mask]
             return {"x": feats.reshape(-1, dim).astype(np.float32)}
 
-        return ds.map_batches(to_tokens, batch_format="numpy")
+        return ds.map_batches(to_tokens, batch_format="numpy", num_cpus=num_cpus)
 
     def text_embeddings(self) -> tuple[list[str], np.ndarray] | None:
         """Vocabulary embeddings imported with the features, if any."""

@@ -47,11 +47,15 @@ class ImageDataset:
         h = hashlib.sha256()
         for r in self.records:
             try:
+                if self.kind == "samples":  # rewritten per workdir: hash content, not mtimes
+                    h.update(f"{r.image_id}|{hashlib.sha256(Path(r.path).read_bytes()).hexdigest()}\n".encode())
+                    continue
                 st = Path(r.path).stat()
                 h.update(f"{r.image_id}|{st.st_size}|{int(st.st_mtime)}\n".encode())
             except OSError:
                 h.update(f"{r.image_id}|missing\n".encode())
-        return {"kind": self.kind, "root": str(Path(self.root).resolve()), "listing": h.hexdigest(),
+        root = "<bundled samples>" if self.kind == "samples" else str(Path(self.root).resolve())
+        return {"kind": self.kind, "root": root, "listing": h.hexdigest(),
                 "count": len(self.records)}
 
     def semantic_mask(self, record: ImageRecord) -> np.ndarray | None:

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps over the SAE with Ray Tune."""

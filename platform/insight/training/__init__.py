@@ -1,0 +1,1 @@
+"""Training jobs on Ray Train: the SAE (`sae`) and the DINOiser heads (`dinoiser`)."""

@@ -1,0 +1,113 @@
+"""SAE training on Ray Train: 1 vs 2 workers, MLflow logging, resume, a killed worker survived."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _cfg(tiny_cache, tmp_path, *sets):
+    from conftest import TINY
+    from insight.config import load_config
+
+    cfg, result = tiny_cache
+    return load_config(TINY, [f"workdir={tmp_path}", f"train.cache={result['cache']}", *sets])
+
+
+def test_two_workers_match_one_worker(tiny_cache, tmp_path):
+    from insight.training.sae import train
+
+    one = train(_cfg(tiny_cache, tmp_path / "one", "train.max_steps=30", "train.num_workers=1",
+                     "train.cpus_per_worker=0.5"))
+    two = train(_cfg(tiny_cache, tmp_path / "two", "train.max_steps=30", "train.num_workers=2",
+                     "train.cpus_per_worker=0.5"))
+    assert one["steps"] == two["steps"] == 30
+    assert one["val_fvu"] < 0.9 and two["val_fvu"] < 0.9  # both learned something
+    assert abs(one["fvu"] - two["fvu"]) < 0.08 and abs(one["val_fvu"] - two["val_fvu"]) < 0.08
+    assert abs(one["l0"] - two["l0"]) < 1.0  # BatchTopK: k per token on average in both
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}")
+    run = client.get_run(two["run_id"])
+    assert run.data.tags["insight.cache_key"] == two["cache_key"]
+    hist = client.get_metric_history(two["run_id"], "fvu")
+    assert [m.step for m in hist][-1] == 30 and len(hist) >= 3
+    arts = {a.path for a in client.list_artifacts(two["run_id"], "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= arts
+
+    from insight.sae import load_checkpoint
+
+    ck = load_checkpoint(two["checkpoint"])
+    assert ck.step == 30 and ck.optimizer_state is not None
+    assert ck.config["sae"]["k"] == 8
+
+
+def test_resume_continues_step_count(tiny_cache, tmp_path):
+    from insight.training.sae import train
+
+    first = train(_cfg(tiny_cache, tmp_path, "train.max_steps=10", "train.checkpoint_every=5"))
+    assert first["steps"] == 10 and first["resumed_from"] == -1
+    more = train(_cfg(tiny_cache, tmp_path, "train.max_steps=16", "train.checkpoint_every=5"), resume=True)
+    assert more["resumed_from"] == 10 and more["steps"] == 16
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(_cfg(tiny_cache, tmp_path / "other", "train.max_steps=4"), resume=True)
+
+
+def _worker_pids():
+    """Ray names its actor processes after their class (process title ``ray::RayTrainWorker``)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(proc.pid)
+    return pids
+
+
+def test_killed_worker_is_survived(tiny_cache, tmp_path):
+    from insight.training.sae import train
+
+    cfg = _cfg(tiny_cache, tmp_path, "train.max_steps=150", "train.checkpoint_every=10", "train.log_every=10",
+               "train.max_failures=2", "train.batch_size=256")
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(train(cfg)), daemon=True)
+    th.start()
+    storage = tmp_path / "ray" / "tiny-train"
+    deadline = time.time() + 240
+    killed = None
+    while time.time() < deadline and killed is None:
+        ckpts = [json.loads(p.read_text())["step"] for p in storage.glob("**/sae/config.json")]
+        pids = _worker_pids()
+        if ckpts and max(ckpts) >= 20 and pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = max(ckpts)
+        time.sleep(0.5)
+    assert killed is not None, "training never reached a checkpoint to kill after"
+    th.join(timeout=400)
+    assert not th.is_alive()
+    assert out["steps"] == 150
+    assert out["resumed_from"] >= 20  # the restarted worker group began at a checkpoint, not at 0
+    assert Path(out["checkpoint"], "model.safetensors").exists()
+
+
+def test_train_cli_two_workers(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    p = subprocess.run([sys.executable, "-m", "insight.cli", "train", "--config", str(TINY), "--set",
+                        f"workdir={tmp_path}", "--set", "train.num_workers=2", "--set", "train.cpus_per_worker=0.5",
+                        "--set", "data.max_images=8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["ok"] and out["run_id"] and Path(out["checkpoint"]).is_dir()
+    assert 0 <= out["fvu"] < 1.5 and out["l0"] > 0
+    assert "[train] step" in p.stderr
