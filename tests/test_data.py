@@ -68,6 +68,13 @@ def test_samples_are_real_bundled_images(tmp_path):
     ids = {r.image_id for r in ds.records}
     assert {"chelsea", "coffee", "rocket", "astronaut", "voc_person"} <= ids
     assert len(ds) >= 20
+    # The bundled set is a COCO dataset: the VOC photo carries its real masks.
+    assert ds.class_names[14] == "person" and len(ds.class_names) == 20
+    voc = next(r for r in ds.records if r.image_id == "voc_person")
+    mask = ds.semantic_mask(voc)
+    assert (mask == 14).mean() > 0.1 and (mask == 255).any()
+    chelsea = next(r for r in ds.records if r.image_id == "chelsea")
+    assert (ds.semantic_mask(chelsea) == 255).all()  # no annotations: all unlabelled
 
 
 def test_views_are_deterministic_and_distinct():

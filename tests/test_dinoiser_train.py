@@ -179,7 +179,7 @@ def trained(ray_local, tmp_path_factory):
     work = tmp_path_factory.mktemp("dinoiser")
     images = work / "images"  # seven real photos and one truncated file, which must be masked out
     images.mkdir()
-    for src in sorted(write_samples(work / "samples").glob("*.png"))[:7]:
+    for src in sorted(write_samples(work / "samples")[1].glob("*.png"))[:7]:
         shutil.copy(src, images / src.name)
     (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     address = ray_local.get_runtime_context().gcs_address

@@ -316,13 +316,38 @@ class SweepConfig(Section):
 
 
 class ConceptsConfig(Section):
-    eps: float = Field(0.001, ge=0)
-    tau: float = Field(0.75, gt=0, le=1)
-    radius: int = Field(0, ge=0, description="Co-occurrence neighbourhood radius in patches.")
-    top_n: int = Field(30, ge=1)
-    vocab_size: int = Field(20000, ge=10)
-    family_scale: float = Field(1.33, gt=0)
-    candidates: int = Field(5, ge=1)
+    """`insight concepts`: relations, hierarchy, names and galleries (METHOD.md sections 3-4)."""
+
+    eps: float = Field(0.001, ge=0, description="A concept is active on a patch when z > eps.")
+    tau: float = Field(0.75, gt=0, le=1, description="j is a parent of i when Dn[i,j] > tau.")
+    radius: int = Field(
+        0, ge=0, description="Co-occurrence neighbourhood: Chebyshev radius in patches (0 = same patch)."
+    )
+    top_n: int = Field(30, ge=1, description="Top activating patches kept per concept.")
+    vocab_size: int = Field(20000, ge=10, description="wordfreq words kept after filtering.")
+    family_scale: float = Field(1.33, gt=0, description="Family vectors are rescaled to mean ||M row|| x this.")
+    candidates: int = Field(5, ge=1, description="Candidate names kept per concept and method.")
+    naming: Literal["family", "decoder"] = Field(
+        "family", description="Which method names a concept (both are computed and stored)."
+    )
+    split: Literal["train", "val", "all"] = Field(
+        "train", description="Cache split the statistics run over (ref: the training set)."
+    )
+    nounish: bool = Field(True, description="Drop -ly adverbs of listed stems from the wordfreq vocabulary.")
+    words: list[str] = Field(default_factory=list, description="Extra words added to the vocabulary.")
+    word_lists: list[str] = Field(default_factory=list, description="Word files (one per line) added.")
+    class_lists: list[str] = Field(
+        default_factory=list,
+        description="Class names added: 'dataset' (the model's dataset), 'voc', or a file (one per line).",
+    )
+    vocab_cache: str = Field("{workdir}/vocab", description="Folder of cached vocabulary embeddings.")
+    tasks: int | None = Field(None, ge=1, description="Ray tasks of the pass; default one per CPU (<= shards).")
+    relations_topk: int = Field(256, ge=1, description="Dn entries stored per row (largest first).")
+    gallery_per_group: int = Field(8, ge=0, description="Galleries for the K most frequent concepts per group.")
+    gallery_images: int = Field(8, ge=1, description="Crops per concept gallery.")
+    contact_per_row: int = Field(10, ge=1, description="Concepts per level/group row of the contact sheets.")
+    tree_roots: int = Field(12, ge=1, description="Most frequent roots drawn in the hierarchy PNG.")
+    tree_depth: int = Field(3, ge=1, description="Levels drawn in the hierarchy PNG.")
 
 
 class TasksConfig(Section):
@@ -345,6 +370,15 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(20 * 2**20, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     max_classes: int = Field(100, ge=1)
+    max_class_chars: int = Field(200, ge=1, description="Longest class name a request may send.")
+    max_top_k: int = Field(64, ge=1, description="Most concepts one /v1/explain or /v1/segment answer may list.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica (Ray actor option).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica; >0 runs the backbone on CUDA.")
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling_config of the model deployment (min_replicas, max_replicas,"
+        " target_ongoing_requests, ...); set, it replaces `replicas`.")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP (FastAPI) ingress deployment.")
+    ingress_cpus: float = Field(0.5, gt=0, description="CPUs per ingress replica (decoding, rendering).")
 
 
 class TrackingConfig(Section):

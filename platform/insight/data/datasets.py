@@ -126,9 +126,11 @@ def build_dataset(cfg, workdir: str) -> ImageDataset:
 
         ds = coco_dataset(cfg.annotations, cfg.root)
     elif cfg.kind == "samples":
+        from insight.data.coco import coco_dataset
         from insight.data.samples import write_samples
 
-        ds = folder_dataset(str(write_samples(Path(workdir) / "data" / "samples")))
+        ann, images = write_samples(Path(workdir) / "data" / "samples")
+        ds = coco_dataset(str(ann), str(images))
         ds.kind = "samples"
     else:  # pragma: no cover - the schema forbids it
         raise ValueError(f"unknown data.kind {cfg.kind!r}")

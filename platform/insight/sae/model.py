@@ -52,8 +52,9 @@ def batch_topk(pre_bm: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
     """Exactly ``n_keep`` largest entries of the whole (B, M) matrix.
 
     Returns flat indices sorted ascending (row-major: row then concept) and the
-    kept values after ReLU. Exact, and ~10x cheaper on CPU than ``topk`` over
-    the flattened matrix (a single-threaded partial sort of B*M values): split
+    kept values after ReLU. Exact, and ~8x cheaper on CPU than ``topk`` over
+    the flattened matrix (a single-threaded partial sort of B*M values;
+    measured 39 ms vs 303 ms for B=4096, M=8192, k=12, one thread): split
     the flat matrix into chunks of c values, keep the n_keep chunks with the
     largest maxima - every one of the n_keep largest entries is in one of them,
     since each kept chunk holds at least one value >= any value outside them -

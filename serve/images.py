@@ -1,0 +1,140 @@
+"""Untrusted image bytes -> RGB arrays, refusing anything unsafe before decoding it.
+
+Order matters: the container format is identified from the header only (a
+short whitelist: no EPS, which would start Ghostscript, no exotic plugins),
+the pixel count is checked from the header before a single pixel is decoded
+(a 40 kB PNG can inflate to gigabytes), PIL's own decompression-bomb
+warning is an error, and a truncated file is an error rather than the grey
+padding PIL would otherwise invent. Large JPEGs decode at a reduced scale
+(``draft``) when the model only needs a few hundred pixels anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from serve.errors import ApiError
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # never pad a truncated file with invented pixels
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An RGB image and the size of the original (``rgb`` may be a reduced-scale decode)."""
+
+    rgb: np.ndarray  # (h, w, 3) uint8
+    width: int  # original width in pixels
+    height: int
+    format: str
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
+    """Decode ``data`` safely; ``min_side`` lets a JPEG decode smaller while its short side stays >= it.
+
+    Raises ApiError: 400 empty/invalid/truncated, 413 over ``max_pixels``.
+    """
+    if not data:
+        raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise ApiError(413, "image_too_large", f"image refused as a decompression bomb: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to identify untrusted bytes is a client error
+            raise ApiError(
+                400, "invalid_image",
+                f"the data is not a readable image (accepted: {', '.join(ALLOWED_FORMATS)}): "
+                f"{type(exc).__name__}: {exc}"[:300],
+            ) from None
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise ApiError(400, "invalid_image", f"the image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ApiError(
+                413, "image_too_large",
+                f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+                " (serve.max_pixels)",
+            )
+        try:
+            if min_side and im.format in ("JPEG", "MPO") and min(width, height) > 2 * min_side:
+                scale = min_side / min(width, height)
+                im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            rgb = np.asarray(_to_rgb(im), dtype=np.uint8)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ApiError(413, "image_too_large", f"image refused as a decompression bomb: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a decoder failure on untrusted input is the input's fault
+            msg = str(exc)
+            code = "truncated_image" if "truncat" in msg.lower() or isinstance(exc, EOFError) else "invalid_image"
+            raise ApiError(
+                400, code,
+                f"the {im.format or 'image'} data could not be decoded (truncated or corrupt): "
+                f"{type(exc).__name__}: {msg}"[:300],
+            ) from None
+        finally:
+            im.close()
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise ApiError(400, "invalid_image", f"the image decoded to an unusable array of shape {rgb.shape}")
+    # An EXIF rotation swaps the sides: report the size as the client sees the image.
+    if rgb.shape[0] != height and rgb.shape[1] != width and (rgb.shape[0] > rgb.shape[1]) != (height > width):
+        width, height = height, width
+    return Decoded(rgb=np.ascontiguousarray(rgb), width=width, height=height, format=im.format or "")
+
+
+@dataclass(frozen=True)
+class View:
+    """The square the model sees: CLIP's short-side resize + centre crop, and where it lies."""
+
+    pixels: np.ndarray  # (S, S, 3) uint8
+    box: tuple[float, float, float, float]  # x, y, width, height in original image pixels
+
+
+def center_view(img: Decoded, size: int) -> View:
+    """Short side -> ``size`` (bicubic), centre crop: the eval transform minus normalisation."""
+    import cv2
+
+    h, w = img.rgb.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(img.rgb, (nw, nh), interpolation=interp)
+    y0, x0 = (nh - size) // 2, (nw - size) // 2
+    crop = np.ascontiguousarray(resized[y0 : y0 + size, x0 : x0 + size])
+    # back to the original's coordinates (the decode may have been reduced)
+    fx, fy = img.width / nw, img.height / nh
+    return View(pixels=crop, box=(x0 * fx, y0 * fy, size * fx, size * fy))
+
+
+def fit_within(img: Decoded, max_side: int) -> np.ndarray:
+    """The whole image with its long side at most ``max_side`` (segmentation input)."""
+    import cv2
+
+    h, w = img.rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return img.rgb
+    scale = max_side / max(h, w)
+    return cv2.resize(img.rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
