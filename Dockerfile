@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The one image every manifest under k8s/ runs: Ray's own image, pinned to the Ray
 # of constraints.txt (2.60.0, Python 3.11), plus this project and the MLflow server's
 # database/object-store drivers. Build from the repository root:

@@ -13,7 +13,12 @@ export RAY_AUTH_MODE := disabled
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo lint format bench clean
+.PHONY: venv test demo lint format bench clean browser
+
+# The browser tests drive Debian's chromium through the playwright package
+# (`playwright install` cannot download browsers here). CI runs as root on a
+# fresh machine that reaches the package registries only.
+CHROMIUM ?= /usr/bin/chromium
 
 $(STAMP): pyproject.toml constraints.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +28,13 @@ $(STAMP): pyproject.toml constraints.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

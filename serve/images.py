@@ -23,6 +23,7 @@ from serve.errors import ApiError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # never pad a truncated file with invented pixels
+Image.init()  # register every plugin once, so the whitelist can name them (MPO is not preloaded)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> D
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
             im.load()
+            fmt = im.format or ""
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees swaps the sides
+                width, height = height, width
             im = ImageOps.exif_transpose(im) or im
             rgb = np.asarray(_to_rgb(im), dtype=np.uint8)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -99,10 +103,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> D
             im.close()
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
         raise ApiError(400, "invalid_image", f"the image decoded to an unusable array of shape {rgb.shape}")
-    # An EXIF rotation swaps the sides: report the size as the client sees the image.
-    if rgb.shape[0] != height and rgb.shape[1] != width and (rgb.shape[0] > rgb.shape[1]) != (height > width):
-        width, height = height, width
-    return Decoded(rgb=np.ascontiguousarray(rgb), width=width, height=height, format=im.format or "")
+    return Decoded(rgb=np.ascontiguousarray(rgb), width=width, height=height, format=fmt)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,7 @@ def center_view(img: Decoded, size: int) -> View:
     h, w = img.rgb.shape[:2]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    resized = cv2.resize(img.rgb, (nw, nh), interpolation=interp)
+    resized = cv2.resize(img.rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)  # as the eval transform
     y0, x0 = (nh - size) // 2, (nw - size) // 2
     crop = np.ascontiguousarray(resized[y0 : y0 + size, x0 : x0 + size])
     # back to the original's coordinates (the decode may have been reduced)
@@ -129,12 +129,15 @@ def center_view(img: Decoded, size: int) -> View:
     return View(pixels=crop, box=(x0 * fx, y0 * fy, size * fx, size * fy))
 
 
-def fit_within(img: Decoded, max_side: int) -> np.ndarray:
-    """The whole image with its long side at most ``max_side`` (segmentation input)."""
+def fit_short_side(img: Decoded, short_side: int, max_long_side: int) -> np.ndarray:
+    """The whole image, shrunk (never enlarged) so its short side is at most ``short_side``
+    and its long side at most ``max_long_side``: the segmenter works at that scale anyway,
+    so larger inputs only cost transfer time and give a larger label map."""
     import cv2
 
     h, w = img.rgb.shape[:2]
-    if max(h, w) <= max_side:
+    scale = min(1.0, short_side / min(h, w), max_long_side / max(h, w))
+    if scale >= 1.0:
         return img.rgb
-    scale = max_side / max(h, w)
-    return cv2.resize(img.rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img.rgb, size, interpolation=cv2.INTER_AREA)

@@ -119,7 +119,7 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _insight(*args: str, timeout: float = 120) -> tuple[int, str, str, dict]:
+def _insight(*args: str, timeout: float = 300) -> tuple[int, str, str, dict]:
     """Run the real CLI as a user would; returns (rc, stdout, stderr, last-line JSON)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -141,6 +141,7 @@ def _insight_here(*args: str) -> tuple[int, str, dict]:
     return result.exit_code, result.output, json.loads(lines[-1]) if lines else {}
 
 
+@pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # inside Ray's own SDK
 def test_submit_follow_logs_status_stop(ray_cluster, tmp_path):
     work = tmp_path / "work"
     # A misspelled key in a config outside the project: embedded, submitted first so it runs
@@ -150,6 +151,12 @@ def test_submit_follow_logs_status_stop(ray_cluster, tmp_path):
     rc, _, err, bad = _insight("submit", "extract", "--config", str(broken), "--set", f"workdir={work}",
                                "--address", ray_cluster)
     assert rc == 0 and bad["ok"] and bad["config_travel"] == "embedded", err
+    # The same in image mode (the cluster "runs our image"; here its project dir is this checkout):
+    # nothing is uploaded, the entrypoint changes into the project dir and writes the embedded config.
+    rc, out, img = _insight_here("submit", "extract", "--config", str(broken), "--image", "insight:ray2.60.0-py311",
+                                 "--set", f"cluster.project_dir={ROOT}", "--address", ray_cluster)
+    assert rc == 0 and img["mode"] == "image" and img["image"] == "insight:ray2.60.0-py311", out
+    assert img["entrypoint"].startswith(f"cd {ROOT} && d=$(mktemp -d)")
 
     rc, out, err, res = _insight(
         "submit", "extract", "--config", TINY, "--set", "data.max_images=2", "--set", "data.views=1",
@@ -175,11 +182,18 @@ def test_submit_follow_logs_status_stop(ray_cluster, tmp_path):
     assert rc == 1 and failed["status"] == "FAILED" and not failed["ok"], err
     assert "unknown key 'cache.shard_imgs'" in out and "did you mean 'cache.shard_images'" in out
     assert "broken.yaml" in out  # the step names the file it was given
+    rc, out, failed = _insight_here("jobs", "logs", img["job_id"], "--address", ray_cluster, "--follow")
+    assert rc == 1 and failed["status"] == "FAILED", out
+    assert "unknown key 'cache.shard_imgs'" in out and "broken.yaml" in out
 
-    # A long step (many views) is stopped while it runs or sets up.
+    # A long step (many views) is stopped once it runs.
     rc, out, long = _insight_here("submit", "extract", "--config", TINY, "--set", "data.views=64",
                                   "--set", f"workdir={tmp_path / 'long'}", "--address", ray_cluster)
     assert rc == 0, out
+    deadline = time.monotonic() + 60
+    while _insight_here("jobs", "status", long["job_id"], "--address", ray_cluster)[2]["status"] == "PENDING":
+        assert time.monotonic() < deadline, "the long job never started"
+        time.sleep(0.5)
     rc, out, stopped = _insight_here("jobs", "stop", long["job_id"], "--address", ray_cluster)
     assert rc == 0 and stopped["stop_requested"] and stopped["status"] == "STOPPED", out
 

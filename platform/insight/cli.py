@@ -154,6 +154,46 @@ def sweep(config: str = ConfigOpt, set_: list[str] = SetOpt,
 
 
 @app.command()
+def concepts(
+    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
+                              "checkpoint folder (default: models:/<tracking.registered_model>@<tracking.alias>)."),
+    cache: str = typer.Option(None, "--cache", help="Cache to read (default: the one the model was trained on)."),
+    config: str = ConfigOpt, set_: list[str] = SetOpt,
+) -> None:
+    """Mine concept relations, hierarchy, names and galleries of a trained SAE (logged with its MLflow run)."""
+
+    def go() -> dict[str, Any]:
+        cfg = _load(config, set_)
+        from insight.concepts.run import mine_concepts
+
+        return mine_concepts(cfg, model, cache=cache)
+
+    run_step(go)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
+                              "checkpoint folder."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset YAML (configs/datasets/*.yaml): its data "
+                                "section replaces the config's, its tasks keys are merged; --set goes last."),
+    task: str = typer.Option("auto", "--task", help="auto, segmentation, classification or both."),
+    probe: bool = typer.Option(False, "--probe", help="Also train and score a concept-bottleneck probe (Ray Train)."),
+    config: str = ConfigOpt, set_: list[str] = SetOpt,
+) -> None:
+    """Segmentation/classification through concepts vs the opaque backbone: mIoU, accuracy, ratio, pictures."""
+
+    def go() -> dict[str, Any]:
+        from insight.tasks.evaluate import evaluate as do_evaluate
+        from insight.tasks.evaluate import load_eval_config
+
+        cfg = load_eval_config(config, dataset, set_)
+        return do_evaluate(cfg, model, task=task, probe=probe)
+
+    run_step(go)
+
+
+@app.command()
 def ui(config: str = ConfigOpt, set_: list[str] = SetOpt,
        port: int = typer.Option(5000, help="Port on 127.0.0.1."),
        print_only: bool = typer.Option(False, "--print", help="Only print the command.")) -> None:
@@ -170,6 +210,21 @@ def ui(config: str = ConfigOpt, set_: list[str] = SetOpt,
         return
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri}", err=True)
     os.execv(cmd[0], cmd)
+
+
+@app.command()
+def quickstart(config: str = typer.Option("configs/quickstart.yaml", "--config", "-c", help="YAML config file."),
+               set_: list[str] = SetOpt,
+               serve_check: bool = typer.Option(True, "--serve/--no-serve", help="Serve and query the champion.")) -> None:
+    """Every step end to end (extract, sweep, concepts, evaluate, serve) and an HTML report: `make demo`."""
+
+    def go() -> dict[str, Any]:
+        cfg = _load(config, set_)
+        from insight.quickstart import run_quickstart
+
+        return run_quickstart(cfg, config, list(set_ or []), serve_check=serve_check)
+
+    run_step(go)
 
 
 @cache_app.command("import")
@@ -227,6 +282,73 @@ def cache_verify(location: str = typer.Argument(..., help="Cache folder or URI (
 def config_show(config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Print the fully resolved config (defaults + file + overrides)."""
     run_step(lambda: {"config": _load(config, set_).to_dict()})
+
+
+# ------------------------------------------------------------------ serving (serve/ at the repository root)
+
+
+def _serve_app_module() -> Any:
+    """`serve.app` of this checkout: the repository root (beside platform/) or the working directory."""
+    import importlib
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    for root in (here.parents[2], Path.cwd()):
+        if (root / "serve" / "app.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("serve.app")
+    raise StepFailed("cannot find serve/app.py (the Serve application) beside platform/ or in the working directory")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option("models:/insight@champion", "--model", "-m",
+                              help="models:/name@alias, models:/name/version, an MLflow run id, or a checkpoint folder."),
+    config: str = ConfigOpt, set_: list[str] = SetOpt,
+    blocking: bool = typer.Option(True, "--blocking/--no-blocking",
+                                  help="Keep serving until Ctrl-C / SIGTERM, or deploy and return (on a running cluster)."),
+) -> None:
+    """Serve the model over HTTP (JSON API, OpenAPI docs, browser page) with Ray Serve on serve.host:serve.port."""
+    state: dict[str, Any] = {}
+
+    def go() -> dict[str, Any]:
+        cfg = _load(config, set_)
+        appmod = _serve_app_module()
+        args = {"model": model, "config": config, "set": set_ or []}
+        _, ref, uri = appmod.resolve(args)
+        appmod.check_model(ref, uri)
+        application = appmod.build_app(args)
+        from ray import serve as ray_serve
+
+        from insight.cache.extract import ensure_ray
+
+        ensure_ray(cfg)
+        ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        try:
+            ray_serve.run(application, name="insight", route_prefix="/")
+        except Exception as exc:  # a replica failed to start (bad model, port, resources): say so, exit 2
+            raise StepFailed(f"deploying {ref} failed: {exc}") from None
+        state["served"] = True
+        host = f"[{cfg.serve.host}]" if ":" in cfg.serve.host else cfg.serve.host
+        url = f"http://{host}:{cfg.serve.port}"
+        return {"url": url, "model": ref, "tracking_uri": uri, "docs": f"{url}/docs", "blocking": blocking,
+                "api_key": bool(cfg.serve.api_key)}
+
+    run_step(go)
+    if blocking and state.get("served"):
+        import signal
+        import threading
+
+        from ray import serve as ray_serve
+
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        typer.echo("serving; Ctrl-C or SIGTERM stops", err=True)
+        stop.wait()
+        typer.echo("shutting Serve down", err=True)
+        ray_serve.shutdown()
 
 
 # ------------------------------------------------------------------ remote clusters (insight.cluster)

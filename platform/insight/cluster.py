@@ -436,6 +436,9 @@ def submit(step: str, config: str | None = None, sets: list[str] | None = None, 
               "step": sub.step, "mode": sub.mode, "config_travel": sub.config_travel}
     if image:
         result["image"] = image
+    if follow:
+        print(f"submitted {job_id} to {target}; following its logs (Ctrl-C stops following, not the job)",
+              file=sys.stderr, flush=True)
     return _finish(client, target, job_id, result, follow)
 
 

@@ -358,6 +358,54 @@ class TasksConfig(Section):
     probe_l1: float = Field(1e-4, ge=0)
     probe_lr: float = Field(1e-4, gt=0)
     probe_batch: int = Field(512, ge=1)
+    # ---- `insight evaluate` and the task functions (insight.tasks)
+    probe_epochs: int = Field(30, ge=1, description="Passes of the concept-bottleneck probe over its data.")
+    probe_val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="`insight evaluate --probe`: share of images (by id hash) that scores the probe."
+    )
+    classes: list[str] | str | None = Field(
+        None,
+        description="Mask label i is class i: a built-in list (voc21, voc20, context60, context59, coco-object,"
+        " coco-stuff, cityscapes, ade20k), explicit names, or null for the dataset's own class names.",
+    )
+    background: bool | None = Field(
+        None,
+        description="Label 0 is background: it gets no prompt; pixels whose max probability is below bg_threshold"
+        " (and, with DINOiser heads, whose saliency is low) become 0. null: as the built-in list says, else false.",
+    )
+    saliency_threshold: float = Field(0.5, ge=0, le=1, description="DINOiser saliency below this is background-like.")
+    label_transform: Literal["none", "reduce_zero", "cocostuff171", "cityscapes19"] = Field(
+        "none",
+        description="PNG mask values -> labels: reduce_zero (v-1, 0 ignored: ADE20K, Context59, VOC20),"
+        " cocostuff171 (stuffthingmaps values -> 171 classes), cityscapes19 (labelIds -> trainIds).",
+    )
+    short_side: int | None = Field(None, ge=16, description="Resize the short side to this before sliding; default crop.")
+    max_long_side: int = Field(2048, ge=16, description="The resize never makes the long side larger than this.")
+    split: str | None = Field(
+        None, description="Text file of image ids to evaluate (e.g. VOC's ImageSets/Segmentation/val.txt);"
+        " relative to data.root unless absolute."
+    )
+    num_workers: int = Field(1, ge=1, description="Model replicas evaluating images (Ray Data actors).")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    window_batch: int = Field(8, ge=1, description="Sliding windows per backbone forward.")
+    images_per_batch: int = Field(4, ge=1, description="Images per evaluation task handed to a replica.")
+    pictures: int = Field(3, ge=0, description="Images drawn with explanation pictures by `insight evaluate`.")
+    top_concepts: int = Field(5, ge=1, description="Concepts shown per segment and per class in explanations.")
+
+    @model_validator(mode="after")
+    def _tasks(self) -> TasksConfig:
+        if self.stride > self.crop:
+            raise ValueError(f"tasks.stride={self.stride} must not exceed tasks.crop={self.crop} (windows would skip pixels)")
+        if isinstance(self.classes, str):
+            from insight.data.classes import BENCHMARKS
+
+            if self.classes not in BENCHMARKS:
+                raise ValueError(f"tasks.classes={self.classes!r} is no built-in list; use one of "
+                                 f"{', '.join(BENCHMARKS)} or give the names as a list")
+        elif isinstance(self.classes, list) and len(set(self.classes)) != len(self.classes):
+            raise ValueError("tasks.classes has repeated names")
+        return self
 
 
 class ServeConfig(Section):

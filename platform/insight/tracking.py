@@ -91,6 +91,22 @@ class LoadedModel:
             return f"runs:/{self.run_id}/checkpoint"
         return str(self.checkpoint)
 
+    @property
+    def concepts(self) -> Any:
+        """The concept table `insight concepts` mined for this model (`insight.concepts.ConceptTable`).
+
+        Read from the run's artifact folder ``concepts/`` (fetched with the model) or, for a model
+        loaded from a checkpoint folder, from that folder's sibling ``concepts/``.
+        """
+        from insight.concepts.table import ConceptTable
+
+        places = ([self.artifacts / "concepts"] if self.artifacts else []) + [self.checkpoint.parent / "concepts"]
+        for folder in places:
+            if (folder / "concepts.parquet").is_file() or (folder / "concepts.json").is_file():
+                return ConceptTable.load(folder)
+        raise FileNotFoundError(f"model {self.uri} has no concept table (looked in "
+                                f"{', '.join(str(p) for p in places)}); run `insight concepts --model ...` first")
+
 
 def _from_checkpoint(folder: Path, **extra: Any) -> LoadedModel:
     from insight.config import InsightConfig

@@ -105,8 +105,7 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], bool]] = {
 
 # Readable prompt words for dataset names that are run together or abbreviated.
 PROMPT_NAMES = {
-    "aeroplane": "aeroplane", "diningtable": "dining table", "pottedplant": "potted plant",
-    "tvmonitor": "tv monitor", "motorbike": "motorbike", "bedclothes": "bedclothes",
+    "diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
     "building-other": "building", "ceiling-other": "ceiling", "desk-stuff": "desk", "door-stuff": "door",
     "floor-other": "floor", "food-other": "food", "furniture-other": "furniture",
     "ground-other": "ground", "mirror-stuff": "mirror", "plant-other": "plant", "sky-other": "sky",

@@ -1,0 +1,221 @@
+"""`insight concepts`: mine relations, hierarchy, names and galleries of a trained SAE.
+
+`mine_concepts(cfg, model_ref, cache)` loads the model (``models:/name@alias``,
+``models:/name/version``, a run id or a checkpoint folder), finds the cache it
+was trained on, makes one streaming pass over it as Ray tasks
+(`insight.concepts.stats`), builds the hierarchy, names every concept by both
+methods, draws the hierarchy and the galleries, and stores everything in one
+folder:
+
+    concepts.parquet, concepts.json   the concept table (`insight.concepts.table`)
+    relations.safetensors             Dn (sparse top-k per row) and M (sparse), counts, masses
+    hierarchy.json                    nodes, nearest parents/children, levels, roots, dropped edges
+    hierarchy.png, hierarchy.html     the top of the tree; the whole tree, interactive
+    galleries/                        concept-<id>.png, contact_levels.png, contact_groups.png
+
+The folder is built under a temporary name and swapped in whole. A model from
+MLflow gets it logged as the artifact folder ``concepts/`` of its run (the
+model version's run), where ``load_model(...).concepts`` finds it; a checkpoint
+folder gets it as its sibling ``concepts/`` (and logged with the step's own
+MLflow run). Which config governs what: the step's config (``--config/--set``)
+sets ``concepts.*``, tracking, workdir and the Ray cluster; the model's own
+training config says what made its features (backbone for the text side,
+dataset for the gallery images, the cache and its validation split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_cache(model: Any, cache: str | None, client: Any | None) -> str:
+    """The cache to read: ``--cache``, else the model's ``train.cache``, else its run's ``insight.cache``
+    tag, else the cache named by its ``insight.cache_key`` tag under the model config's cache root, else
+    the (idempotent) extraction of the model's config."""
+    if cache:
+        return cache
+    mcfg = model.config
+    if mcfg.train.cache:
+        return mcfg.train.cache
+    if model.run_id and client is not None:
+        tags = client.get_run(model.run_id).data.tags
+        if tags.get("insight.cache"):
+            return tags["insight.cache"]
+        key = tags.get("insight.cache_key")
+        if key:
+            from insight.cache.format import exists, join, resolve_fs
+
+            location = join(mcfg.path(mcfg.cache.root), key)
+            fs, path = resolve_fs(location)
+            if exists(fs, join(path, "manifest.json")):
+                return location
+    from insight.training.sae import resolve_cache
+
+    return resolve_cache(mcfg)
+
+
+def _groups_of(sae: Any) -> np.ndarray:
+    ends = np.asarray(sae.prefix_ends)
+    return np.searchsorted(ends, np.arange(sae.n_concepts), side="right")
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``stage`` folder (readers never see a half-written one)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_table(stats: Any, hier: Any, vocab: Any, names: dict[str, Any], groups: np.ndarray, naming: str,
+                meta: dict[str, Any]) -> Any:
+    """Assemble the concept table from the pass, the hierarchy and both namings."""
+    from insight.concepts.table import Candidate, Concept, ConceptTable, Relation, TopPatch
+
+    chosen = names[naming]
+    freq = stats.frequency_m
+    mass = stats.mass_m
+    rows = []
+    for i in range(stats.n_concepts):
+        cands = {k: [Candidate(w, s) for w, s in n.candidates(vocab, i)] for k, n in names.items()}
+        rows.append(Concept(
+            id=i, group=int(groups[i]), level=int(hier.level[i]), name=cands[naming][0].name, naming=chosen.method,
+            candidates=cands[naming], name_family=cands["family"][0].name, candidates_family=cands["family"],
+            name_decoder=cands["decoder"][0].name, candidates_decoder=cands["decoder"],
+            parents=list(hier.parents[i]), children=list(hier.children[i]),
+            parents_all=[Relation(j, s) for j, s in hier.parents_all[i]], frequency=float(freq[i]),
+            count=int(stats.count_m[i]), mass=float(mass[i]),
+            top_patches=[TopPatch(x, r, c, a) for x, r, c, a in stats.top_patches(i)]))
+    return ConceptTable(rows, meta)
+
+
+def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = None) -> dict[str, Any]:
+    """Run the concepts step for ``model_ref`` (default ``models:/<registered_model>@<alias>``)."""
+    import mlflow
+
+    from insight import tracking
+    from insight.cache import CacheReader
+    from insight.cache.extract import ensure_ray
+    from insight.concepts.galleries import draw_galleries
+    from insight.concepts.hierarchy import build_hierarchy, raw_parents, sparse_rows
+    from insight.concepts.naming import decoder_names, family_names
+    from insight.concepts.stats import compute_stats, shard_image_offsets
+    from insight.concepts.table import Relations
+    from insight.concepts.tree import draw_tree_png, write_tree_html
+    from insight.concepts.vocabulary import build_vocabulary
+    from insight.tracking import load_model
+
+    c = cfg.concepts
+    t_start = time.perf_counter()
+    ref = model_ref or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    uri = tracking.setup(cfg)
+    client = mlflow.MlflowClient(uri)
+    with tempfile.TemporaryDirectory(prefix="insight-concepts-") as tmp, \
+            tracking.step_run(cfg, "concepts", tags={"insight.model": ref}) as run:
+        model = load_model(ref, tracking_uri=uri, dst=str(Path(tmp) / "model"))
+        sae = model.sae.cpu().eval()
+        location = resolve_model_cache(model, cache, client)
+        reader = CacheReader(location)
+        if reader.manifest.dim != sae.d_in:
+            raise ValueError(f"cache {location} holds {reader.manifest.dim}-dim features but the model "
+                             f"{ref} encodes {sae.d_in}-dim ones; pass the cache it was trained on (--cache)")
+        mlflow.set_tags({"insight.cache": location, "insight.cache_key": reader.key,
+                         "insight.model_run_id": model.run_id or "", "insight.model_uri": model.uri})
+        log.info("concepts: %s (%d concepts) on %s (%d tokens)", ref, sae.n_concepts, location,
+                 reader.manifest.num_tokens)
+
+        ensure_ray(cfg)
+        t0 = time.perf_counter()
+        stats = compute_stats(reader, sae, eps=c.eps, radius=c.radius, top_n=c.top_n, split=c.split,
+                              val_fraction=model.config.cache.val_fraction, tasks=c.tasks)
+        pass_s = time.perf_counter() - t0
+        if stats.tokens == 0:
+            raise ValueError(f"concepts.split={c.split!r}: cache {location} has no tokens in that split")
+
+        parents_all = raw_parents(stats, c.tau)
+        hier = build_hierarchy(parents_all, stats.count_m)
+        vocab = build_vocabulary(cfg, model.config, reader)
+        if vocab.text_vd.shape[1] != sae.d_in:
+            raise ValueError(f"vocabulary embeddings are {vocab.text_vd.shape[1]}-dim, the SAE's space is "
+                             f"{sae.d_in}-dim: the model's backbone ({model.config.backbone.model}) is not the one "
+                             "that made the cache")
+        w_dec = sae.W_dec.detach().cpu().numpy()
+        b_dec = sae.b_dec.detach().cpu().numpy()
+        mean_csr = stats.mean_vectors()
+        names = {"decoder": decoder_names(w_dec, vocab, c.candidates),
+                 "family": family_names(w_dec, b_dec, mean_csr, parents_all, vocab, c.candidates, c.family_scale)}
+        groups = _groups_of(sae)
+        meta = {"model": model.uri, "model_ref": ref, "model_run_id": model.run_id, "model_version": model.version,
+                "cache": location, "cache_key": reader.key, "split": c.split, "tokens": stats.tokens,
+                "images": stats.images, "grid": list(reader.manifest.grid), "n_concepts": sae.n_concepts,
+                "group_sizes": list(sae.group_sizes), "tau": c.tau, "eps": c.eps, "radius": c.radius,
+                "top_n": c.top_n, "naming": c.naming, "family_scale": c.family_scale,
+                "vocabulary": {"source": vocab.source, "size": len(vocab), "key": vocab.key},
+                "step_run_id": run.info.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        table = build_table(stats, hier, vocab, names, groups, c.naming, meta)
+
+        if model.run_id:
+            tag = f"{model.name}-v{model.version}" if model.version else model.run_id
+            out = Path(cfg.workdir).resolve() / "concepts" / tag
+        else:
+            out = model.checkpoint.resolve().parent / "concepts"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        stage.mkdir()
+        try:
+            files = table.save(stage)
+            dn = sparse_rows(stats, c.relations_topk)
+            Relations(*dn, *mean_csr, count=stats.count_m.copy(), mass=stats.mass_m,
+                      meta={k: meta[k] for k in ("model", "cache_key", "tokens", "tau", "eps", "radius", "top_n")}
+                      | {"relations_topk": c.relations_topk}).save(stage)
+            (stage / "hierarchy.json").write_text(json.dumps(
+                hier.to_json([x.name for x in table], stats.frequency_m), separators=(",", ":")))
+            draw_tree_png(table, stage / "hierarchy.png", roots=c.tree_roots, depth=c.tree_depth)
+            write_tree_html(table, stage / "hierarchy.html", title=f"Concept hierarchy of {model.uri}")
+            offsets = np.asarray(shard_image_offsets(reader))
+            image_shard = {x: int(np.searchsorted(offsets, o, side="right") - 1) for o, x in stats.image_ids.items()}
+            gal = draw_galleries(table, reader, sae, image_shard, model.config, stage / "galleries",
+                                 per_group=c.gallery_per_group, images=c.gallery_images, per_row=c.contact_per_row)
+            _swap_in(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+        artifact_run = model.run_id or run.info.run_id
+        client.log_artifacts(artifact_run, str(out), "concepts")
+        if model.run_id:
+            client.set_tag(model.run_id, "insight.concepts_run_id", run.info.run_id)
+        levels = int(hier.level.max(initial=-1)) + 1
+        result = {
+            "table": str(out / files["parquet"].name), "table_json": str(out / files["json"].name),
+            "relations": str(out / "relations.safetensors"), "hierarchy": str(out / "hierarchy.json"),
+            "hierarchy_png": str(out / "hierarchy.png"), "hierarchy_html": str(out / "hierarchy.html"),
+            "galleries": str(out / "galleries"), "gallery_count": len(gal["galleries"]),
+            "contact_sheet": str(out / "galleries" / "contact_levels.png") if gal["contact_levels"] else None,
+            "concepts": sae.n_concepts, "alive": int(hier.alive.sum()), "with_parents": hier.with_parents,
+            "roots": len(hier.roots), "levels": levels, "cycle_edges_dropped": len(hier.cycle_edges_dropped),
+            "tokens": stats.tokens, "images": stats.images, "pass_s": pass_s,
+            "tokens_per_s": stats.tokens / max(pass_s, 1e-9), "vocabulary": len(vocab),
+            "vocabulary_source": vocab.source, "naming": c.naming,
+            "names_agree": float(np.mean(names["family"].index_mk[:, 0] == names["decoder"].index_mk[:, 0])),
+            "model": model.uri, "model_run_id": model.run_id, "artifact_run_id": artifact_run,
+            "artifact_path": "concepts", "cache": location, "run_id": run.info.run_id, "out": str(out),
+        }
+        result["wall_s"] = time.perf_counter() - t_start
+        tracking.log_result({k: v for k, v in result.items() if k not in ("model_version",)})
+        return result

@@ -1,0 +1,203 @@
+"""The naming vocabulary: words and their text embeddings (METHOD.md section 4).
+
+Words come from `wordfreq` (the most frequent English words, a stand-in for the
+reference 20k-word frequency list) plus optional user words, word files and
+class-name lists. Filtering of the wordfreq list, in frequency order until
+``concepts.vocab_size`` words are kept:
+
+- alphabetic ASCII, at least 3 letters, lower case;
+- not in `STOPWORDS`, a small hand-made list of function words (articles,
+  pronouns, prepositions, conjunctions, auxiliaries, quantifiers) and of very
+  frequent words that name nothing one can see (``said``, ``really``, ``thing``);
+  wordfreq ships no stopword list;
+- with ``concepts.nounish`` (default), no ``-ly`` adverb whose stem is itself a
+  listed word (``quickly`` goes because ``quick`` is listed; ``family`` stays).
+  A real part-of-speech filter would need a tagger and its data; this cheap
+  heuristic removes the largest class of words that never name a concept.
+
+User words and class names are never filtered. Every word is embedded with the
+prompt templates of ``backbone.templates`` (averaged, renormalised:
+`embed_classnames`). Embeddings are cached on disk under
+``concepts.vocab_cache``, keyed by a hash of (backbone identity, words,
+templates) and written atomically, so a second run does not touch the text
+encoder. Caches imported with their own text embeddings (`insight cache import
+--text`) bring their vocabulary: it is used as is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STOPWORDS = frozenset("""
+a about above across after again against all almost along already also although always am among an and another any
+anybody anyone anything anyway anywhere are around as at away back be became because become becomes been before
+being below beside besides between beyond both but by can cannot could did do does doing done down during each
+either else elsewhere enough etc even ever every everybody everyone everything everywhere except few for from
+further get gets getting got gotten had has have having he her here hers herself him himself his how however i if
+in into is it its itself just least less let lets like likely many may maybe me might mine more most mostly much
+must my myself neither never nevertheless next no nobody none noone nor not nothing now nowhere of off often on
+once one only onto or other others otherwise our ours ourselves out over own per perhaps please quite rather really
+same several shall she should since so some somebody someone something sometime sometimes somewhere still such
+than that the their theirs them themselves then there thereby therefore these they thing things this those though
+through throughout thus till to together too toward towards under unless until up upon us very via was we well
+were what whatever when whenever where whereas wherever whether which while who whoever whole whom whose why will
+with within without would yet you your yours yourself yourselves
+actually anyway know knew known think thought say says said tell told make makes made want wanted going gonna
+yes yeah okay lol hey thanks thank dont cant wont didnt doesnt isnt wasnt arent im ive youre theyre thats whats
+really pretty lot lots kind sort way ways thing stuff something nothing good bad great new old first last
+""".split())
+
+
+@dataclass
+class Vocabulary:
+    """Words and unit text embeddings (V, D) in the SAE's feature space."""
+
+    words: list[str]
+    text_vd: np.ndarray  # float32, unit rows
+    source: str  # "wordfreq" (+ extras) or "cache"
+    key: str | None = None  # cache key of the embedding file
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def wordfreq_words(n: int, nounish: bool = True) -> list[str]:
+    """The ``n`` most frequent English words that pass the filter of the module doc."""
+    import wordfreq
+
+    pool = 2 * n + 200
+    while True:
+        listed = wordfreq.top_n_list("en", pool)
+        lexicon = {w for w in listed if w.isascii() and w.isalpha()}
+        kept: list[str] = []
+        for w in listed:
+            if not (w.isascii() and w.isalpha() and len(w) >= 3 and w == w.lower()) or w in STOPWORDS:
+                continue
+            if nounish and w.endswith("ly") and len(w) > 4 and (w[:-2] in lexicon or w[:-3] + "y" in lexicon
+                                                                  or w[:-2] + "e" in lexicon):
+                continue
+            kept.append(w)
+            if len(kept) == n:
+                return kept
+        if len(listed) < pool:  # wordfreq has no more words
+            log.warning("vocabulary: wordfreq gives only %d words after filtering (asked for %d)", len(kept), n)
+            return kept
+        pool *= 2
+
+
+def _read_list(path: str, what: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"concepts.{what}: no file at {p}")
+    return [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def class_names(entry: str, model_cfg: Any) -> list[str]:
+    """Names of a ``concepts.class_lists`` entry: 'dataset', 'voc', or a file."""
+    if entry == "voc":
+        from insight.data.classes import VOC_CLASSES
+
+        return [c for c in VOC_CLASSES if c != "background"]
+    if entry == "dataset":
+        from insight.data.datasets import build_dataset
+
+        return list(build_dataset(model_cfg.data, model_cfg.workdir).class_names)
+    return _read_list(entry, "class_lists")
+
+
+def vocabulary_words(cfg: Any, model_cfg: Any) -> list[str]:
+    """wordfreq words + user words + word files + class lists, deduplicated in that order."""
+    c = cfg.concepts
+    words = wordfreq_words(c.vocab_size, c.nounish)
+    extra = list(c.words)
+    for f in c.word_lists:
+        extra += _read_list(f, "word_lists")
+    for entry in c.class_lists:
+        extra += class_names(entry, model_cfg)
+    seen: set[str] = set()
+    out = []
+    for w in extra + words:  # user words first: they win ties in naming order
+        w = w.strip()
+        if w and w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def embedding_key(identity: dict[str, Any], words: list[str], templates: list[str]) -> str:
+    from insight.cache.format import content_key
+
+    return content_key({"backbone": identity, "words": words, "templates": list(templates)})
+
+
+def _atomic_save(path: Path, text_vd: np.ndarray, words: list[str]) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+    try:
+        save_file({"text": np.ascontiguousarray(text_vd, np.float32)}, str(tmp), metadata={"words": json.dumps(words)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def embed_vocabulary(backbone_cfg: Any, words: list[str], cache_dir: str | os.PathLike[str],
+                     cache_identity: dict[str, Any] | None = None) -> Vocabulary:
+    """Text embeddings of ``words`` through the backbone's text encoder, cached on disk.
+
+    ``cache_identity``: the backbone identity recorded in the activation cache;
+    a mismatch with the built backbone is logged (names would then come from a
+    different space than the features).
+    """
+    from safetensors.numpy import load_file
+
+    from insight.backbones import build_backbone, embed_classnames
+
+    backbone = build_backbone(backbone_cfg, device="cpu")
+    identity = backbone.identity()
+    if cache_identity and cache_identity != identity:
+        log.warning("vocabulary: the cache was made by backbone %s but the model's config builds %s; names may "
+                    "not match the features", json.dumps(cache_identity, default=str)[:300],
+                    json.dumps(identity, default=str)[:300])
+    key = embedding_key(identity, words, backbone_cfg.templates)
+    path = Path(cache_dir) / f"vocab-{key}.safetensors"
+    if path.is_file():
+        try:
+            text = load_file(str(path))["text"]
+            if text.shape == (len(words), backbone.dim):
+                return Vocabulary(words, text, "wordfreq", key)
+        except (OSError, KeyError, ValueError) as exc:  # a damaged file is rebuilt
+            log.warning("vocabulary: ignoring unreadable cache file %s: %s", path, exc)
+    import torch
+
+    with torch.no_grad():
+        text = embed_classnames(backbone, words, list(backbone_cfg.templates)).numpy().astype(np.float32)
+    _atomic_save(path, text, words)
+    return Vocabulary(words, text, "wordfreq", key)
+
+
+def build_vocabulary(cfg: Any, model_cfg: Any, reader: Any) -> Vocabulary:
+    """The step's vocabulary: the cache's imported text embeddings if it has them, else wordfreq + extras."""
+    imported = reader.text_embeddings()
+    if imported is not None:
+        words, text = imported
+        if cfg.concepts.words or cfg.concepts.word_lists or cfg.concepts.class_lists:
+            log.warning("vocabulary: the cache carries its own text embeddings (%d words); concepts.words, "
+                        "word_lists and class_lists are ignored (no text encoder for them)", len(words))
+        text = np.asarray(text, np.float32)
+        norms = np.linalg.norm(text, axis=1, keepdims=True)
+        return Vocabulary(list(words), text / np.maximum(norms, 1e-12), "cache", reader.key)
+    words = vocabulary_words(cfg, model_cfg)
+    ident = reader.manifest.identity.get("backbone") if isinstance(reader.manifest.identity, dict) else None
+    return embed_vocabulary(model_cfg.backbone, words, cfg.path(cfg.concepts.vocab_cache), ident)

@@ -1,0 +1,440 @@
+"""The HTTP API and the page, as a FastAPI app over a model backend.
+
+The app knows nothing about Ray: it talks to a :class:`Backend` (in Serve, a
+deployment handle to the model replicas). Everything a client sends is
+bounded before it costs anything: the API key is checked first, a declared
+body over the limit is refused from its Content-Length, an undeclared one
+while it streams in, the content type is checked before the body is read,
+and images are checked from their header before they are decoded
+(``serve.images``). Every refusal is a 4xx with ``{"error": {"code",
+"message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from serve import render
+from serve.errors import STATUS_CODES, ApiError, error_body
+from serve.images import Decoded, center_view, decode_image, fit_short_side
+from serve.schemas import (
+    ClassifyBody,
+    ConceptPage,
+    ErrorAnswer,
+    ExplainAnswer,
+    ExplainBody,
+    HealthAnswer,
+    SegmentBody,
+)
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+OPEN_PATHS = frozenset({"/healthz"})
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+DEFAULT_TOP_K = 8
+DEFAULT_SEGMENT_TOP_K = 5
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff")
+ACCEPTED = "multipart/form-data (field 'image'), application/json ({\"image_b64\": ...}), " + ", ".join(
+    IMAGE_TYPES) + " or application/octet-stream (the raw image)"
+
+
+class Backend(Protocol):
+    """What the API needs from the model (a Serve handle in production, anything in tests)."""
+
+    async def explain(self, view: Any, top_k: int) -> Any: ...
+    async def segment(self, image: Any, classes: list[str], top_k: int) -> dict[str, Any]: ...
+    async def classify(self, view: Any, classes: list[str] | None, top_k: int) -> dict[str, Any]: ...
+    async def concepts_page(self, q: str | None, level: int | None, offset: int, limit: int) -> dict[str, Any]: ...
+    async def concept_detail(self, concept_id: int) -> dict[str, Any] | None: ...
+    async def ping(self) -> bool: ...
+
+
+# ------------------------------------------------------------------ guards
+
+
+class Guard:
+    """ASGI middleware: the API key and the declared body size, before any routing or reading.
+
+    The key comes as ``X-API-Key`` or as the password of HTTP Basic auth, so a
+    browser can open the page (it asks once and then sends the credentials on
+    the page's own requests). Compared in constant time.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.max_body = max_body_bytes
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key")
+        if given is not None and hmac.compare_digest(given, self.key):
+            return True
+        auth = headers.get(b"authorization", b"")
+        if auth[:6].lower() == b"basic ":
+            try:
+                _, _, password = base64.b64decode(auth[6:].strip(), validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(password, self.key)
+        return False
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.key is not None and scope.get("path") not in OPEN_PATHS and not self._authorised(headers):
+            resp = JSONResponse(
+                error_body("unauthorized", "missing or wrong API key: send it in the X-API-Key header"),
+                status_code=401, headers={"WWW-Authenticate": 'Basic realm="insight"'})
+            return await resp(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n < 0:
+                resp = JSONResponse(error_body("bad_request", f"invalid Content-Length {length[:40]!r}"),
+                                    status_code=400)
+                return await resp(scope, receive, send)
+            if n > self.max_body:
+                resp = JSONResponse(error_body(
+                    "body_too_large", f"the body is {n:,} bytes; the limit is {self.max_body:,} (serve.max_body_bytes)"),
+                    status_code=413, headers={"Connection": "close"})
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused as soon as it passes ``limit`` (chunked uploads have no length)."""
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise ApiError(413, "body_too_large",
+                           f"the body passed {limit:,} bytes while streaming in; the limit is {limit:,}"
+                           " (serve.max_body_bytes)", headers={"Connection": "close"})
+    return bytes(buf)
+
+
+def _b64(text: str) -> bytes:
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or ";base64" not in head:
+            raise ApiError(400, "invalid_base64", "image_b64 is a data: URL without ';base64,' data")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "invalid_base64", f"image_b64 is not valid base64: {exc}") from None
+
+
+def _validation_message(exc: ValidationError | RequestValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{prefix}{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts)[:500] or "invalid request"
+
+
+def _classes_field(value: str) -> list[str]:
+    """A multipart ``classes`` field: a JSON list, or names separated by commas or new lines."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ApiError(400, "malformed_json", f"the 'classes' field is not a valid JSON list: {exc}") from None
+        if not isinstance(parsed, list) or not all(isinstance(c, str) for c in parsed):
+            raise ApiError(422, "invalid_request", "the 'classes' field must be a JSON list of strings")
+        return parsed
+    sep = "\n" if "\n" in value else ","
+    return value.split(sep)
+
+
+async def parse_image_request(request: Request, model: type[BaseModel], max_body: int) -> tuple[bytes, dict[str, Any]]:
+    """(image bytes, the other validated fields) from multipart, JSON or a raw image body."""
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    raw_ok = media in IMAGE_TYPES or media == "application/octet-stream"
+    if media not in ("application/json", "multipart/form-data") and not raw_ok:
+        shown = repr(ctype[:80]) if ctype else "none"
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {shown} is not accepted; send {ACCEPTED}")
+    body = await read_body(request, max_body)
+    if not body:
+        raise ApiError(400, "empty_body", "the request body is empty; it must carry an image")
+    fields: dict[str, Any]
+    if media == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}"[:300]) from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_request", f"the JSON body must be an object, not {type(data).__name__}")
+        try:
+            parsed = model.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", _validation_message(exc)) from None
+        fields = parsed.model_dump(exclude={"image_b64"}, exclude_none=True)
+        return _b64(parsed.image_b64), fields
+    if media == "multipart/form-data":
+        async def once():
+            yield body
+
+        parser = MultiPartParser(request.headers, once(), max_files=1, max_fields=16, max_part_size=64 * 1024)
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {exc.message}") from None
+        except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is the body's fault
+            raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {exc}"[:300]) from None
+        try:
+            image = form.get("image")
+            if image is None:
+                names = ", ".join(sorted(set(form.keys()))) or "none"
+                raise ApiError(400, "missing_image", f"the multipart body has no 'image' file field (fields: {names})")
+            if not isinstance(image, UploadFile):
+                raise ApiError(400, "missing_image", "the multipart field 'image' must be a file upload, not text")
+            data = await image.read()
+            allowed = set(model.model_fields) - {"image_b64"}
+            fields = {}
+            for key, value in form.multi_items():
+                if key == "image":
+                    continue
+                if key not in allowed:
+                    raise ApiError(422, "invalid_request",
+                                   f"unknown multipart field {key!r}; allowed: image, {', '.join(sorted(allowed))}")
+                if not isinstance(value, str):
+                    raise ApiError(422, "invalid_request", f"the multipart field {key!r} must be text, not a file")
+                fields[key] = _classes_field(value) if key == "classes" else value
+            try:
+                parsed = model.model_validate({"image_b64": "", **fields})
+            except ValidationError as exc:
+                raise ApiError(422, "invalid_request", _validation_message(exc)) from None
+            return data, parsed.model_dump(exclude={"image_b64"}, exclude_none=True)
+        finally:
+            await form.close()
+    return body, {}
+
+
+def check_top_k(value: int | None, default: int, limit: int) -> int:
+    k = default if value is None else value
+    if not 1 <= k <= limit:
+        raise ApiError(422, "invalid_request", f"top_k={k} is out of range; allowed 1..{limit} (serve.max_top_k)")
+    return k
+
+
+def check_classes(classes: list[str] | None, max_classes: int, max_chars: int) -> list[str]:
+    if classes is None or len(classes) == 0:
+        raise ApiError(400, "no_classes", "give at least one class name ('classes')")
+    if len(classes) > max_classes:
+        raise ApiError(400, "too_many_classes",
+                       f"{len(classes)} class names; the limit is {max_classes} (serve.max_classes)")
+    out = []
+    for i, c in enumerate(classes):
+        name = " ".join(str(c).split())
+        if not name:
+            raise ApiError(400, "empty_class_name", f"class name {i} is empty")
+        if len(name) > max_chars:
+            raise ApiError(400, "class_name_too_long",
+                           f"class name {i} has {len(name)} characters; the limit is {max_chars} (serve.max_class_chars)")
+        out.append(name)
+    seen: set[str] = set()
+    for name in out:
+        if name.lower() in seen:
+            raise ApiError(400, "duplicate_class", f"class name {name!r} is given twice")
+        seen.add(name.lower())
+    return out
+
+
+# ------------------------------------------------------------------ the app
+
+
+def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
+    """The FastAPI app: ``limits`` is the ServeConfig, ``info`` the model's description."""
+    app = FastAPI(
+        title="Insight",
+        version="1",
+        description="Concept explanations, segmentation and classification through a hierarchical SAE on CLIP "
+        "patch features. Errors are `{\"error\": {\"code\", \"message\"}}`; with serve.api_key set, every route "
+        "but /healthz needs the `X-API-Key` header (or HTTP Basic auth with the key as password).",
+        docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+        responses={400: {"model": ErrorAnswer}, 401: {"model": ErrorAnswer}, 413: {"model": ErrorAnswer},
+                   415: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}},
+    )
+    app.add_middleware(Guard, api_key=limits.api_key, max_body_bytes=limits.max_body_bytes)
+    model_ref = {k: info.get(k) for k in ("name", "version", "run_id", "uri")}
+    image_size = int(info["image_size"])
+    n_concepts = int(info["n_concepts"])
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal", f"internal error: {type(exc).__name__}"), status_code=500)
+
+    async def decode(data: bytes, min_side: int) -> Decoded:
+        return await asyncio.to_thread(decode_image, data, limits.max_pixels, min_side)
+
+    # -------------------------------------------------------------- routes
+
+    @app.get("/healthz", response_model=HealthAnswer, tags=["meta"])
+    async def healthz() -> JSONResponse:
+        """Liveness and readiness: the model replicas answer. Open even when an API key is set."""
+        try:
+            ok = await asyncio.wait_for(backend.ping(), timeout=10)
+        except Exception:  # noqa: BLE001 - any failure here means "not ready"
+            ok = False
+        if not ok:
+            return JSONResponse({"status": "unavailable", "model": None}, status_code=503)
+        return JSONResponse({"status": "ok", "model": info.get("uri")})
+
+    @app.get("/v1/model", tags=["meta"])
+    async def model_info() -> dict[str, Any]:
+        """Model version, run, config, metrics, and the shape of its concept dictionary."""
+        return {**info, "limits": {k: getattr(limits, k) for k in (
+            "max_body_bytes", "max_pixels", "max_classes", "max_class_chars", "max_top_k", "max_batch_size")}}
+
+    @app.post("/v1/explain", response_model=ExplainAnswer, tags=["explain"], openapi_extra=_image_body(ExplainBody))
+    async def explain(request: Request, top_k: int | None = Query(None, description="Concepts to list (default 8)."),
+                      format: str | None = Query(None, pattern="^(png|raw)$", description="png or raw heatmaps."),
+                      ) -> JSONResponse:
+        """The image's top concepts: names, scores, level, hierarchy path and a heatmap each."""
+        t0 = time.perf_counter()
+        data, fields = await parse_image_request(request, ExplainBody, limits.max_body_bytes)
+        k = check_top_k(fields.get("top_k", top_k), DEFAULT_TOP_K, limits.max_top_k)
+        fmt = fields.get("format", format) or "png"
+        img = await decode(data, image_size)
+        view = center_view(img, image_size)
+        t1 = time.perf_counter()
+        raw = await backend.explain(view.pixels, k)
+        t2 = time.perf_counter()
+        answer = {
+            "model": model_ref,
+            "image": {"width": img.width, "height": img.height, "format": img.format},
+            "view": dict(zip(("x", "y", "width", "height"), (round(v, 2) for v in view.box), strict=True)),
+            "grid": list(raw.maps.shape[1:]) if raw.maps.size else info["grid"],
+            "format": fmt,
+            "concepts": render.explain_answer(raw, fmt),
+            "fidelity": {"cosine": round(raw.cosine, 6), "l0": round(raw.l0, 3)},
+        }
+        answer["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2), "model": round((t2 - t1) * 1e3, 2),
+                               "compute": round(raw.compute_ms, 2),
+                               "total": round((time.perf_counter() - t0) * 1e3, 2)}
+        return JSONResponse(answer)
+
+    @app.post("/v1/segment", tags=["tasks"], openapi_extra=_image_body(SegmentBody))
+    async def segment(request: Request, top_k: int | None = Query(None, description="Concepts per segment."),
+                      format: str | None = Query(None, pattern="^(png|raw)$")) -> JSONResponse:
+        """Zero-shot segmentation into the given classes, each segment explained by its top concepts."""
+        t0 = time.perf_counter()
+        data, fields = await parse_image_request(request, SegmentBody, limits.max_body_bytes)
+        classes = check_classes(fields.get("classes"), limits.max_classes, limits.max_class_chars)
+        k = check_top_k(fields.get("top_k", top_k), DEFAULT_SEGMENT_TOP_K, limits.max_top_k)
+        fmt = fields.get("format", format) or "png"
+        img = await decode(data, int(info["segment_short_side"]))
+        pixels = fit_short_side(img, int(info["segment_short_side"]), int(info["segment_max_long_side"]))
+        result = await backend.segment(pixels, classes, k)
+        labels = result.pop("labels")
+        out = {"model": model_ref, "image": {"width": img.width, "height": img.height, "format": img.format},
+               "size": [int(labels.shape[1]), int(labels.shape[0])], "classes": classes, **result}
+        if fmt == "raw":
+            out["labels"] = labels.tolist()
+        else:
+            out["label_map_png"] = render.label_map_png(labels, len(classes), result.get("background_index"))
+            out["palette"] = render.palette(len(classes))
+        out["timing_ms"] = {"total": round((time.perf_counter() - t0) * 1e3, 2)}
+        return JSONResponse(out)
+
+    @app.post("/v1/classify", tags=["tasks"], openapi_extra=_image_body(ClassifyBody))
+    async def classify(request: Request, top_k: int | None = Query(None, description="Concepts per class.")
+                       ) -> JSONResponse:
+        """Class scores (zero-shot with `classes`, else the model's probe), each with its top concepts."""
+        t0 = time.perf_counter()
+        data, fields = await parse_image_request(request, ClassifyBody, limits.max_body_bytes)
+        classes = fields.get("classes")
+        if classes is not None or not info.get("has_probe"):
+            if classes is None:
+                raise ApiError(400, "no_classes", "this model has no trained probe: give class names ('classes')")
+            classes = check_classes(classes, limits.max_classes, limits.max_class_chars)
+        k = check_top_k(fields.get("top_k", top_k), DEFAULT_SEGMENT_TOP_K, limits.max_top_k)
+        img = await decode(data, image_size)
+        view = center_view(img, image_size)
+        result = await backend.classify(view.pixels, classes, k)
+        out = {"model": model_ref, "image": {"width": img.width, "height": img.height, "format": img.format},
+               **result, "timing_ms": {"total": round((time.perf_counter() - t0) * 1e3, 2)}}
+        return JSONResponse(out)
+
+    @app.get("/v1/concepts", response_model=ConceptPage, tags=["concepts"])
+    async def concepts(offset: int = Query(0, ge=0, le=10_000_000), limit: int = Query(50, ge=1, le=500),
+                       q: str | None = Query(None, max_length=200, description="Substring of the name or the id."),
+                       level: int | None = Query(None, ge=0, le=64, description="Only this hierarchy level.")
+                       ) -> dict[str, Any]:
+        """A page of concepts, searchable by name and filterable by level."""
+        return await backend.concepts_page(q, level, offset, limit)
+
+    @app.get("/v1/concepts/{concept_id}", tags=["concepts"])
+    async def concept(concept_id: int) -> dict[str, Any]:
+        """One concept: names, candidates, parents, children, path from the root, gallery PNG if any."""
+        if not 0 <= concept_id < n_concepts:
+            raise ApiError(404, "unknown_concept",
+                           f"concept {concept_id} does not exist; this model has {n_concepts} (ids 0..{n_concepts - 1})")
+        detail = await backend.concept_detail(concept_id)
+        if detail is None:
+            raise ApiError(404, "unknown_concept", f"concept {concept_id} does not exist")
+        return detail
+
+    # -------------------------------------------------------------- the page
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
+                                                           "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _image_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of an image endpoint (it reads the body itself, bounded)."""
+    schema = model.model_json_schema()
+    form_props = {"image": {"type": "string", "format": "binary"}}
+    for key, prop in schema.get("properties", {}).items():
+        if key != "image_b64":
+            form_props[key] = {"type": "string", "description": prop.get("description", "")}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": form_props}},
+        "application/json": {"schema": schema},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    }}}

@@ -1,0 +1,119 @@
+"""``serve.app:build_app``: the application `serve run`, a RayService and `insight serve` deploy.
+
+Args (the ``args:`` of a Serve config file, all optional)::
+
+    model: models:/insight@champion   # or models:/name/version, a run id, a checkpoint folder
+    tracking_uri: sqlite:///...       # default: the config's tracking.uri, $MLFLOW_TRACKING_URI, workdir db
+    config: configs/tiny.yaml         # an Insight config whose `serve:` section applies
+    set: ["serve.replicas=2"]         # --set style overrides
+    serve: {replicas: 2}              # or the serve section's keys directly
+
+Replicas, autoscaling, CPUs/GPUs and batching come from the ``serve`` section
+(`insight.config.ServeConfig`); ``host``/``port`` belong to `serve.start`
+(or the config file's ``http_options``), not to the application.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+ROOT = Path(__file__).resolve().parents[1]
+ARG_KEYS = ("model", "tracking_uri", "config", "set", "serve", "dst")
+
+
+def _ensure_importable() -> None:
+    """Replicas import ``serve.*`` by name: put the repository root on their path.
+
+    Ray already adds the driver's working directory to workers' sys.path; this
+    also covers a driver started elsewhere (`insight serve` from any folder).
+    """
+    root = str(ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p]])
+
+
+def resolve(args: dict[str, Any] | None) -> tuple[Any, str, str]:
+    """(InsightConfig, model ref, tracking URI) from build_app's args; ValueError names a bad key."""
+    from insight.config import load_config
+
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(ARG_KEYS))
+    if unknown:
+        raise ValueError(f"serve.app:build_app: unknown args {unknown}; allowed: {', '.join(ARG_KEYS)}")
+    sets = args.get("set") or []
+    if isinstance(sets, str):
+        sets = [sets]
+    sets = list(sets)
+    for key, value in (args.get("serve") or {}).items():
+        sets.append(f"serve.{key}={json.dumps(value)}")
+    cfg = load_config(args.get("config"), sets)
+    ref = str(args.get("model") or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}")
+    uri = args.get("tracking_uri") or cfg.tracking.resolved_uri(cfg.workdir)
+    return cfg, ref, uri
+
+
+def check_model(ref: str, tracking_uri: str) -> None:
+    """Fail fast, in the caller, on a model that does not exist (replicas would only retry and log).
+
+    Cheap lookups only: a checkpoint folder's config.json, a registry alias or
+    version, a run id. Raises ValueError naming the ref and the store.
+    """
+    folder = Path(ref)
+    if folder.is_dir():
+        if not ((folder / "config.json").is_file() or (folder / "sae" / "config.json").is_file()):
+            raise ValueError(f"--model {ref}: the folder holds no SAE checkpoint (config.json)")
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        if ref.startswith("models:/"):
+            body = ref[len("models:/"):]
+            if "@" in body:
+                client.get_model_version_by_alias(*body.split("@", 1))
+            else:
+                client.get_model_version(*body.rsplit("/", 1))
+        elif len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+            client.get_run(ref)
+        else:
+            raise ValueError(f"--model {ref!r}: expected models:/name@alias, models:/name/version, an MLflow run id, "
+                             "or a checkpoint folder")
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"--model {ref}: not found in {tracking_uri}: {exc.message}") from None
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The Insight application: InsightIngress (FastAPI) -> InsightModel (batched)."""
+    _ensure_importable()
+    from serve.deployments import InsightIngress, InsightModel
+    from serve.engine import ModelLoader
+
+    cfg, ref, uri = resolve(args)
+    s = cfg.serve
+    loader = ModelLoader(ref=ref, tracking_uri=uri, dst=(args or {}).get("dst"))
+    env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
+    model_opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": env},
+        "max_ongoing_requests": max(16, 2 * s.max_batch_size),
+        "user_config": {"max_batch_size": s.max_batch_size, "batch_wait_s": s.batch_wait_s},
+    }
+    if s.autoscaling:
+        model_opts["autoscaling_config"] = dict(s.autoscaling)
+    else:
+        model_opts["num_replicas"] = s.replicas
+    model = InsightModel.options(**model_opts).bind(loader, threads=max(1, int(s.num_cpus)))
+    ingress = InsightIngress.options(
+        num_replicas=s.ingress_replicas,
+        ray_actor_options={"num_cpus": s.ingress_cpus, "runtime_env": env},
+        max_ongoing_requests=max(64, 4 * s.max_batch_size),
+    )
+    return ingress.bind(model, s.model_dump())

