@@ -24,6 +24,10 @@ from typing import Any
 from ray.serve import Application
 
 ROOT = Path(__file__).resolve().parents[1]
+# Replicas run user code and the handle router on their main event loop instead of a thread
+# each: two fewer cross-thread hops per request. Safe here because nothing in our handlers
+# blocks the loop (decoding and the model run on worker threads).
+LATENCY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 ARG_KEYS = ("model", "tracking_uri", "config", "set", "serve", "dst")
 
 
@@ -100,7 +104,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg, ref, uri = resolve(args)
     s = cfg.serve
     loader = ModelLoader(ref=ref, tracking_uri=uri, dst=(args or {}).get("dst"))
-    env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
+    env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], **LATENCY_ENV}}
     model_opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": env},
         "max_ongoing_requests": max(16, 2 * s.max_batch_size),

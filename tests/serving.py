@@ -61,17 +61,18 @@ def sample_png(name: str = "astronaut", size: int | None = 160) -> bytes:
     return png_bytes(rgb)
 
 
-def train_tiny_model(root: Path, steps: int = 40) -> Path:
+def train_tiny_model(root: Path, steps: int = 40, overrides: tuple[str, ...] = ()) -> Path:
     """A real Matryoshka SAE on the tiny backbone's features of the bundled images (2 views each).
 
     Trains in-process with the library's own step (the Ray Train path is tested in
     test_train.py); past ``sae.threshold_start_step`` so inference uses the learned theta.
+    ``overrides`` (--set style) change the profile, e.g. a random-init ViT-B-16 for benchmarks.
     """
     import torch
 
     from insight.config import load_config
 
-    cfg = load_config(TINY, [f"workdir={root}"])
+    cfg = load_config(TINY, [f"workdir={root}", *overrides])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine, more threads only spin against other processes
     try:
@@ -148,16 +149,28 @@ def _shutdown() -> None:
         serve.shutdown()
 
 
+@dataclass
+class TinyModel:
+    checkpoint: Path  # the checkpoint folder
+    tracking_uri: str  # the MLflow store where it is models:/insight@champion
+    root: Path
+
+
 @pytest.fixture(scope="session")
-def served(ray_local, tmp_path_factory):
+def tiny_model(tmp_path_factory) -> TinyModel:
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = train_tiny_model(root)
+    return TinyModel(checkpoint=ckpt, tracking_uri=register(ckpt, root), root=root)
+
+
+@pytest.fixture(scope="session")
+def served(ray_local, tiny_model):
     """Serve on 127.0.0.1:<free port> with the tiny model as models:/insight@champion and the test limits."""
     import httpx
     from ray import serve
     from serve.app import build_app
 
-    root = tmp_path_factory.mktemp("serve")
-    ckpt = train_tiny_model(root)
-    uri = register(ckpt, root)
+    root, ckpt, uri = tiny_model.root, tiny_model.checkpoint, tiny_model.tracking_uri
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     _state["up"] = True
@@ -189,5 +202,5 @@ def release_serve_when_done(request):
         _shutdown()
 
 
-__all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "TinyModel", "free_port", "png_bytes", "register", "sample_png",
+__all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "free_port", "png_bytes", "register", "sample_png",
            "release_serve_when_done", "served", "tiny_model", "train_tiny_model"]

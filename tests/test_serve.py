@@ -12,11 +12,8 @@ import io
 import json
 import os
 import random
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -25,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT
 
 pytest_plugins = ["serving"]
 pytestmark = pytest.mark.usefixtures("release_serve_when_done")
 
-from serving import API_KEY, LIMITS, free_port, png_bytes, sample_png  # noqa: E402
+from serving import API_KEY, LIMITS, png_bytes, sample_png  # noqa: E402
 
 
 def assert_error(r, status: int, code: str | None = None) -> dict:

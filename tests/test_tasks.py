@@ -39,8 +39,10 @@ def test_contribution_identity(tiny_parts):
     """Concept terms + bias, over the reconstruction norm, give back the logits (patches, pixels, segments)."""
     from insight.tasks import (
         ClassBank,
+        Classifier,
         Segmenter,
         explain_segments,
+        explain_zero_shot,
         reconstruction_logits,
         segment_bias_map,
         segment_concept_maps,
@@ -81,6 +83,14 @@ def test_contribution_identity(tiny_parts):
         assert e.top[0].name == f"concept {e.top[0].concept}"  # no concept table: the fallback name
         assert 1 <= e.coverage["90"] <= e.coverage["95"] <= e.coverage["99"] <= sae.n_concepts
 
+    # zero-shot classification on the pooled reconstruction decomposes the same way
+    out = Classifier(backbone, bank, cfg.tasks, sae).classify(_voc_rgb())
+    assert out.class_names == ["person", "chair", "diningtable"]  # no background label in classification
+    assert torch.allclose(out.decomposition.logits()[0], out.logits_f, atol=1e-5)
+    why = explain_zero_shot(out, 1, top=3)
+    assert why.logit == pytest.approx(float(out.logits_f[1])) and tuple(why.maps_khw.shape) == (3, 7, 7)
+    assert out.concept_vector().shape == (sae.n_concepts,) and float(out.concept_vector().min()) >= 0
+
 
 def test_sliding_window_equals_single_pass(tiny_parts):
     from insight.tasks import ClassBank, Segmenter, assemble, assemble_adjoint, plan_windows
@@ -109,6 +119,31 @@ def test_sliding_window_equals_single_pass(tiny_parts):
     assert torch.allclose(assemble(torch.full((plan.n_windows, 2, *plan.grid_hw), 3.0), plan), torch.tensor(3.0))
     u, w = torch.randn(plan.n_windows, 2, *plan.grid_hw), torch.randn(2, 375, 500)
     assert float((w * assemble(u, plan)).sum()) == pytest.approx(float((assemble_adjoint(w, plan) * u).sum()), rel=1e-4)
+
+
+def test_background_combines_confidence_and_dinoiser_saliency(tmp_path):
+    """With DINOiser heads, background = low max probability AND low saliency (METHOD.md section 5)."""
+    from safetensors.torch import save_file
+
+    from insight.backbones import build_backbone
+    from insight.config import load_config
+    from insight.tasks import ClassBank, Segmenter
+
+    gen = torch.Generator().manual_seed(0)
+    heads = {"obj_proj.weight": torch.randn(16, 64, 3, 3, generator=gen) * 0.05, "obj_proj.bias": torch.zeros(16),
+             "bkg_decoder.weight": torch.randn(1, 64, 1, 1, generator=gen) * 3, "bkg_decoder.bias": torch.zeros(1)}
+    save_file(heads, str(tmp_path / "heads.safetensors"))
+    cfg = load_config(TINY, [f"backbone.dinoiser.heads={tmp_path / 'heads.safetensors'}", "tasks.bg_threshold=0.9"])
+    backbone = build_backbone(cfg.backbone, device="cpu")
+    bank = ClassBank.build(backbone, ["background", "person", "chair"], cfg.backbone.templates, True)
+    out = Segmenter(backbone, bank, cfg.tasks).segment(_voc_rgb(), via="opaque")
+    sal = out.saliency_hw.numpy()
+    uncertain = out.probs().max(0).values.numpy() < 0.9
+    assert 0 < (sal < 0.5).mean() < 1 and uncertain.any()
+    expected_bg = uncertain & (sal < cfg.tasks.saliency_threshold)
+    assert ((out.labels_hw == 0) == expected_bg).all()
+    kept = uncertain & (sal >= cfg.tasks.saliency_threshold)
+    assert kept.any() and (out.labels_hw[kept] > 0).all()  # salient but uncertain pixels keep their class
 
 
 def test_miou_hand_computed():

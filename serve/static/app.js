@@ -71,10 +71,11 @@ async function explain() {
   form.append("image", state.file);
   form.append("top_k", $("topk").value || "8");
   try {
-    const [result, image] = await Promise.all([
-      api("/v1/explain", { method: "POST", body: form }),
-      loadImage(URL.createObjectURL(state.file)),
-    ]);
+    // Both at once, but the server's verdict on the file comes first when both fail.
+    const imageP = loadImage(URL.createObjectURL(state.file)).catch((e) => e);
+    const result = await api("/v1/explain", { method: "POST", body: form });
+    const image = await imageP;
+    if (image instanceof Error) throw image;
     state.explain = result;
     state.image = image;
     state.selected = null;

@@ -9,12 +9,14 @@ crop of the most frequent concepts, one row per hierarchy level
 (``contact_levels.png``) and one row per Matryoshka group
 (``contact_groups.png``).
 
-Pixels are re-read by image id from the dataset of the model's config and cut
+Heatmaps come from the statistics pass, which keeps each concept's map over
+the image of its first top patches, so drawing needs no second pass over the
+cache. Pixels are re-read by image id from the dataset of the model's config and cut
 the way extraction cuts them for view 0 (shortest side resized, centre crop),
 so the grid lines up with the features. Augmented views (ids ending in
 ``#vN``) came from random crops, flips and colour jitter: their panels show the
 plain image of the base id with the view's heatmap, which is only approximately
-aligned; the caption says so. When images are unavailable (an imported cache,
+aligned; the caption marks them "(plain)". When images are unavailable (an imported cache,
 a dataset that is gone, an unreadable file) the heatmap is drawn on the bare
 patch grid instead.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +41,6 @@ from insight.concepts.table import Concept, ConceptTable
 
 if TYPE_CHECKING:
     from insight.cache.format import CacheReader
-    from insight.sae.model import MatryoshkaSAE
 
 log = logging.getLogger(__name__)
 
@@ -106,28 +107,6 @@ class ImageSource:
         return self._crops[base]
 
 
-def concept_maps(reader: CacheReader, sae: MatryoshkaSAE, wanted: dict[str, set[int]],
-                 image_shard: dict[str, int]) -> dict[tuple[str, int], np.ndarray]:
-    """(image id, concept) -> activation map (H, W) for the wanted pairs; reads only the shards holding them."""
-    from insight.concepts.stats import encode_images
-
-    by_shard: dict[int, list[str]] = defaultdict(list)
-    for image_id in wanted:
-        if image_id not in image_shard:
-            raise ValueError(f"galleries: image {image_id!r} is not in the statistics' shard index")
-        by_shard[image_shard[image_id]].append(image_id)
-    out: dict[tuple[str, int], np.ndarray] = {}
-    for s, ids in sorted(by_shard.items()):
-        shard_ids, feats = reader.read_shard(reader.manifest.shards[s])
-        pos = {x: j for j, x in enumerate(shard_ids)}
-        rows = [pos[x] for x in ids]
-        z_bhwm = encode_images(sae, feats[rows])
-        for x, zb in zip(ids, z_bhwm, strict=True):
-            for c in wanted[x]:
-                out[(x, c)] = zb[..., c].numpy().astype(np.float32)
-    return out
-
-
 def _heat_rgb(map_hw: np.ndarray, vmax: float, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Colour (size, size, 3) and alpha (size, size) of an activation map, upsampled bilinearly."""
     from matplotlib import colormaps
@@ -162,7 +141,7 @@ def _save_png(im: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{uuid.uuid4().hex}.png"
     try:
-        im.save(tmp, format="PNG", optimize=True)
+        im.save(tmp, format="PNG", compress_level=3)  # level 9 (optimize) costs 10x the time for ~15% bytes
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -192,21 +171,17 @@ def plan(table: ConceptTable, per_group: int, per_row: int, max_rows: int = 8) -
     return GalleryPlan(galleries, [r for r in level_rows if r[1]], [r for r in group_rows if r[1]])
 
 
-def draw_galleries(table: ConceptTable, reader: CacheReader, sae: MatryoshkaSAE, image_shard: dict[str, int],
+def draw_galleries(table: ConceptTable, top_map: Callable[[int, int], np.ndarray | None], reader: CacheReader,
                    model_cfg: Any, out_dir: str | os.PathLike[str], *, per_group: int = 8, images: int = 8,
                    per_row: int = 10, columns: int = 4) -> dict[str, Any]:
-    """Write ``concept-<id>.png`` galleries and the two contact sheets into ``out_dir``."""
+    """Write ``concept-<id>.png`` galleries and the two contact sheets into ``out_dir``.
+
+    ``top_map(concept, rank)``: the concept's activation map (H, W) over the
+    image of its rank-th top patch, kept by the statistics pass
+    (`ConceptStats.top_map`, with ``map_top >= images``).
+    """
     out = Path(out_dir)
     p = plan(table, per_group, per_row)
-    wanted: dict[str, set[int]] = defaultdict(set)
-    for cid in p.galleries:
-        for tp in table[cid].top_patches[:images]:
-            wanted[tp.image_id].add(cid)
-    for _, row in p.level_rows + p.group_rows:
-        for cid in row:
-            if table[cid].top_patches:
-                wanted[table[cid].top_patches[0].image_id].add(cid)
-    maps = concept_maps(reader, sae, wanted, image_shard)
     source = ImageSource(model_cfg, reader)
     font, small = _font(13), _font(10)
     written: list[str] = []
@@ -218,8 +193,12 @@ def draw_galleries(table: ConceptTable, reader: CacheReader, sae: MatryoshkaSAE,
         crop = source.crop(tp.image_id)
         with_images += crop is not None
         vmax = c.top_patches[0].activation
-        im = panel(crop, maps[(tp.image_id, c.id)], vmax, (tp.row, tp.col))
-        note = "" if base_id(tp.image_id)[1] == 0 or crop is None else " (plain image of view)"
+        map_hw = top_map(c.id, k)
+        if map_hw is None:
+            raise ValueError(f"galleries: no activation map kept for concept {c.id}, top patch {k} "
+                             "(the pass ran with fewer map_top than gallery images)")
+        im = panel(crop, np.asarray(map_hw, np.float32), vmax, (tp.row, tp.col))
+        note = "" if base_id(tp.image_id)[1] == 0 or crop is None else " (plain)"
         return im, f"{_short(tp.image_id, 18)} ({tp.row},{tp.col}) {tp.activation:.2f}{note}"
 
     for cid in p.galleries:

@@ -114,7 +114,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
     from insight.concepts.galleries import draw_galleries
     from insight.concepts.hierarchy import build_hierarchy, raw_parents, sparse_rows
     from insight.concepts.naming import decoder_names, family_names
-    from insight.concepts.stats import compute_stats, shard_image_offsets
+    from insight.concepts.stats import compute_stats
     from insight.concepts.table import Relations
     from insight.concepts.tree import draw_tree_png, write_tree_html
     from insight.concepts.vocabulary import build_vocabulary
@@ -142,14 +142,21 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
         ensure_ray(cfg)
         t0 = time.perf_counter()
         stats = compute_stats(reader, sae, eps=c.eps, radius=c.radius, top_n=c.top_n, split=c.split,
-                              val_fraction=model.config.cache.val_fraction, tasks=c.tasks)
+                              val_fraction=model.config.cache.val_fraction, tasks=c.tasks,
+                              map_top=min(c.gallery_images, c.top_n))
         pass_s = time.perf_counter() - t0
         if stats.tokens == 0:
             raise ValueError(f"concepts.split={c.split!r}: cache {location} has no tokens in that split")
 
+        timings = {"load": t0 - t_start, "pass": pass_s}
+        t1 = time.perf_counter()
         parents_all = raw_parents(stats, c.tau)
         hier = build_hierarchy(parents_all, stats.count_m)
+        timings["hierarchy"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         vocab = build_vocabulary(cfg, model.config, reader)
+        timings["vocabulary"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         if vocab.text_vd.shape[1] != sae.d_in:
             raise ValueError(f"vocabulary embeddings are {vocab.text_vd.shape[1]}-dim, the SAE's space is "
                              f"{sae.d_in}-dim: the model's backbone ({model.config.backbone.model}) is not the one "
@@ -168,6 +175,8 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
                 "vocabulary": {"source": vocab.source, "size": len(vocab), "key": vocab.key},
                 "step_run_id": run.info.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         table = build_table(stats, hier, vocab, names, groups, c.naming, meta)
+        timings["naming"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
 
         if model.run_id:
             tag = f"{model.name}-v{model.version}" if model.version else model.run_id
@@ -187,19 +196,24 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
                 hier.to_json([x.name for x in table], stats.frequency_m), separators=(",", ":")))
             draw_tree_png(table, stage / "hierarchy.png", roots=c.tree_roots, depth=c.tree_depth)
             write_tree_html(table, stage / "hierarchy.html", title=f"Concept hierarchy of {model.uri}")
-            offsets = np.asarray(shard_image_offsets(reader))
-            image_shard = {x: int(np.searchsorted(offsets, o, side="right") - 1) for o, x in stats.image_ids.items()}
-            gal = draw_galleries(table, reader, sae, image_shard, model.config, stage / "galleries",
-                                 per_group=c.gallery_per_group, images=c.gallery_images, per_row=c.contact_per_row)
+            timings["write"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            gal = draw_galleries(table, stats.top_map, reader, model.config, stage / "galleries",
+                                 per_group=c.gallery_per_group, images=min(c.gallery_images, c.top_n),
+                                 per_row=c.contact_per_row)
             _swap_in(stage, out)
+            timings["galleries"] = time.perf_counter() - t1
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
 
+        t1 = time.perf_counter()
         artifact_run = model.run_id or run.info.run_id
         client.log_artifacts(artifact_run, str(out), "concepts")
         if model.run_id:
             client.set_tag(model.run_id, "insight.concepts_run_id", run.info.run_id)
+        timings["mlflow"] = time.perf_counter() - t1
+        log.info("concepts: done; seconds per phase %s", {k: round(v, 2) for k, v in timings.items()})
         levels = int(hier.level.max(initial=-1)) + 1
         result = {
             "table": str(out / files["parquet"].name), "table_json": str(out / files["json"].name),
@@ -217,5 +231,6 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             "artifact_path": "concepts", "cache": location, "run_id": run.info.run_id, "out": str(out),
         }
         result["wall_s"] = time.perf_counter() - t_start
-        tracking.log_result({k: v for k, v in result.items() if k not in ("model_version",)})
+        tracking.log_result(result | {f"{k}_s": v for k, v in timings.items()})
+        result["timings"] = timings
         return result

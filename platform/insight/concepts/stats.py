@@ -9,7 +9,8 @@ One pass over the cache's patch tokens gives, for every concept i of an SAE:
   activation mass and Dn = D / diag(D) (`dn_rows`).
 - The ``top_n`` most activating patches (image, row, col, activation) and the
   sparse code z(t) of each, from which M[i,:], the mean concept vector over i's
-  top patches, follows (`mean_vectors`).
+  top patches, follows (`mean_vectors`); for the first ``map_top`` of them also
+  the concept's map over the whole image, which galleries draw (`top_map`).
 
 Why it looks like this:
 
@@ -77,15 +78,45 @@ def encode_tokens(sae: MatryoshkaSAE, x_nd: Tensor) -> Tensor:
     return torch.zeros_like(pre_nm).scatter_(1, top.indices, top.values.clamp_min(0))
 
 
+class ImageEncoder:
+    """Codes (B, H, W, M) of stacks of patch grids, one (H*W, D) x (D, M) product per image.
+
+    A batched matmul (``baddbmm``) over the images of a chunk: every image is
+    its own product of the same shape, so a token's code is a function of its
+    image alone, never of which images share its chunk (see the module doc),
+    and the chunk still runs as one call. Same codes as ``sae.encode`` up to
+    float rounding of the folded bias; before theta is learned, the per-token
+    top-k of `encode_tokens`.
+    """
+
+    def __init__(self, sae: MatryoshkaSAE) -> None:
+        self.sae = sae
+        with torch.no_grad():
+            self.w_dm = sae.W_enc.detach().float().contiguous()
+            self.bias_m = (sae.b_enc - sae.b_dec @ sae.W_enc).detach().float().contiguous()
+        self.theta = float(sae.threshold)
+
+    def __call__(self, feats_bhwd: np.ndarray | Tensor) -> Tensor:
+        x = torch.as_tensor(np.asarray(feats_bhwd, dtype=np.float32)) if isinstance(feats_bhwd, np.ndarray) \
+            else feats_bhwd.float()
+        b, h, w, d = x.shape
+        m = self.sae.n_concepts
+        if d != self.sae.d_in:
+            raise ValueError(f"features have dim {d}, the SAE expects {self.sae.d_in}")
+        with torch.no_grad():
+            if self.theta < 0:
+                z_bnm = torch.stack([encode_tokens(self.sae, x[i].reshape(h * w, d)) for i in range(b)]) if b \
+                    else x.new_zeros(0, h * w, m)
+            else:
+                x_bnd = x.reshape(b, h * w, d)
+                z_bnm = torch.baddbmm(self.bias_m.expand(b, 1, m), x_bnd, self.w_dm.expand(b, d, m))
+                z_bnm.masked_fill_(z_bnm <= self.theta, 0.0)
+        return z_bnm.view(b, h, w, m)
+
+
 def encode_images(sae: MatryoshkaSAE, feats_bhwd: np.ndarray | Tensor) -> Tensor:
-    """Codes (B, H, W, M) of a stack of patch grids, one image per matmul (see module doc)."""
-    x = torch.as_tensor(np.asarray(feats_bhwd, dtype=np.float32) if isinstance(feats_bhwd, np.ndarray) else feats_bhwd)
-    b, h, w, d = x.shape
-    if d != sae.d_in:
-        raise ValueError(f"features have dim {d}, the SAE expects {sae.d_in}")
-    with torch.no_grad():
-        z = [encode_tokens(sae, x[i].reshape(h * w, d)) for i in range(b)]
-    return torch.stack(z).view(b, h, w, sae.n_concepts) if z else x.new_zeros(0, h, w, sae.n_concepts)
+    """Codes (B, H, W, M) of a stack of patch grids (`ImageEncoder`, built once per call)."""
+    return ImageEncoder(sae)(feats_bhwd)
 
 
 def dilate(act_bhwm: Tensor, radius: int) -> Tensor:
@@ -118,20 +149,22 @@ def add_pairs(cooc_flat: Tensor, t_w: Tensor, i_w: Tensor, w_fixed: Tensor, t_n:
         return
     cnt_n = torch.bincount(t_n, minlength=n_tokens)
     start_n = torch.cumsum(cnt_n, 0) - cnt_n
-    rep = cnt_n[t_w]
+    rep = cnt_n[t_w]  # pairs of each active entry
+    first_n = start_n[t_w]  # where its token's neighbourhood entries start
+    row_w = i_w * n_concepts
     csum = torch.cumsum(rep, 0)
     e0, n_entries = 0, t_w.numel()
     while e0 < n_entries:
         base = int(csum[e0 - 1]) if e0 else 0
         e1 = max(e0 + 1, int(torch.searchsorted(csum, base + MAX_PAIRS, right=True)))
         r = rep[e0:e1]
-        total = int(r.sum())
+        total = int(csum[e1 - 1]) - base
         if total:
-            e = torch.repeat_interleave(torch.arange(e0, e1), r)
-            offs = torch.cumsum(r, 0) - r
-            pos = torch.arange(total) - torch.repeat_interleave(offs, r)
-            f = start_n[t_w[e]] + pos
-            cooc_flat.index_add_(0, i_w[e] * n_concepts + j_n[f], w_fixed[e])
+            # neighbourhood entry of each pair: its token's first entry + its rank within the token
+            offs = csum[e0:e1] - r - base
+            f = torch.arange(total) + torch.repeat_interleave(first_n[e0:e1] - offs, r, output_size=total)
+            flat = torch.repeat_interleave(row_w[e0:e1], r, output_size=total) + j_n[f]
+            cooc_flat.index_add_(0, flat, torch.repeat_interleave(w_fixed[e0:e1], r, output_size=total))
         e0 = e1
 
 
@@ -175,6 +208,7 @@ class ConceptStats:
     top_n: int
     eps: float
     radius: int
+    map_top: int = 0  # keep the concept's map over the image of its first map_top top patches
     tokens: int = 0
     images: int = 0
     count_m: np.ndarray = field(default=None)  # type: ignore[assignment]  # int64 (M,)
@@ -183,6 +217,7 @@ class ConceptStats:
     top_key_mn: np.ndarray = field(default=None)  # type: ignore[assignment]  # int64 (M, N), -1 empty
     codes: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # key -> (idx, z)
     image_ids: dict[int, str] = field(default_factory=dict)  # ordinal -> image id
+    maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (concept, key) -> float16 (H, W)
     seconds: float = 0.0  # summed task time
 
     def __post_init__(self) -> None:
@@ -248,8 +283,37 @@ class ConceptStats:
                 self.codes[int(k)] = (ci, vi)
             for j, o in enumerate(ords):
                 self.image_ids[int(o)] = ids[j]
+        if self.map_top:
+            self._add_maps(z_bhwm, ords)
         if len(self.codes) > 4 * self.top_n * max(1, min(self.n_concepts, 4096)):
             self.prune()
+
+    def _add_maps(self, z_bhwm: Tensor, ords: np.ndarray) -> None:
+        """Keep the activation map (over its image) of every new entry among the first ``map_top`` of a table row.
+
+        Entries only move down a row as better ones arrive, so an entry that is
+        among the first ``map_top`` now was among them when its chunk was seen:
+        galleries never need a second pass over the cache.
+        """
+        hw = self.tokens_per_image
+        sub = self.top_key_mn[:, : min(self.map_top, self.top_n)]
+        conc, _ = np.nonzero(sub >= 0)
+        keys = sub[sub >= 0]
+        ord_k = keys // hw
+        pick = [j for j in np.nonzero(np.isin(ord_k, ords))[0] if (int(conc[j]), int(keys[j])) not in self.maps]
+        if not pick:
+            return
+        local = {int(o): j for j, o in enumerate(ords)}
+        b_idx = torch.tensor([local[int(ord_k[j])] for j in pick], dtype=torch.long)
+        c_idx = torch.from_numpy(conc[pick].astype(np.int64))
+        maps_nhw = z_bhwm[b_idx, :, :, c_idx].numpy().astype(np.float16)
+        for j, mp in zip(pick, maps_nhw, strict=True):
+            self.maps[(int(conc[j]), int(keys[j]))] = mp
+
+    def top_map(self, i: int, rank: int) -> np.ndarray | None:
+        """Concept i's activation map (H, W) over the image of its rank-th top patch, if kept."""
+        k = int(self.top_key_mn[i, rank]) if rank < self.top_n else -1
+        return None if k < 0 else self.maps.get((i, k))
 
     def prune(self) -> None:
         """Drop codes and image ids of tokens that left the top tables."""
@@ -258,6 +322,11 @@ class ConceptStats:
         self.codes = {k: v for k, v in self.codes.items() if k in live_set}
         ords = set((live // self.tokens_per_image).tolist())
         self.image_ids = {o: i for o, i in self.image_ids.items() if o in ords}
+        if self.maps:
+            g = min(self.map_top, self.top_n)
+            rows, cols = np.nonzero(self.top_key_mn[:, :g] >= 0)
+            keep = set(zip(rows.tolist(), self.top_key_mn[rows, cols].tolist(), strict=True))
+            self.maps = {ck: v for ck, v in self.maps.items() if ck in keep}
 
     def merge(self, other: ConceptStats) -> ConceptStats:
         """Add another partial into this one (in place); returns self."""
@@ -277,6 +346,7 @@ class ConceptStats:
                                                      other.top_val_mn[have], other.top_key_mn[have])
         self.codes.update(other.codes)
         self.image_ids.update(other.image_ids)
+        self.maps.update(other.maps)
         self.prune()
         return self
 
@@ -344,14 +414,17 @@ def shard_image_offsets(reader: CacheReader) -> list[int]:
 
 
 def partial_stats(reader: CacheReader, shards: Iterable[int], sae: MatryoshkaSAE, *, eps: float, radius: int,
-                  top_n: int, split: str | None = None, val_fraction: float = 0.0,
+                  top_n: int, split: str | None = None, val_fraction: float = 0.0, map_top: int = 0,
                   chunk_tokens: int = CHUNK_TOKENS) -> ConceptStats:
     """Statistics of some shards (by position in the manifest), in this process."""
     from insight.cache.format import is_validation
+    from insight.sae.step import keep_freed_memory
 
+    keep_freed_memory()  # chunk temporaries are re-allocated every chunk: no page faults for each
     t0 = time.perf_counter()
     grid = tuple(reader.manifest.grid)
-    stats = ConceptStats(sae.n_concepts, grid, top_n, eps, radius)
+    stats = ConceptStats(sae.n_concepts, grid, top_n, eps, radius, map_top)
+    encoder = ImageEncoder(sae)
     offsets = shard_image_offsets(reader)
     per_chunk = max(1, chunk_tokens // (grid[0] * grid[1]))
     for s in shards:
@@ -360,7 +433,7 @@ def partial_stats(reader: CacheReader, shards: Iterable[int], sae: MatryoshkaSAE
                 if split is None or split == "all" or (split == "val") == is_validation(x, val_fraction)]
         for c in range(0, len(keep), per_chunk):
             rows = keep[c : c + per_chunk]
-            z_bhwm = encode_images(sae, feats[rows])
+            z_bhwm = encoder(feats[rows])
             stats.add_chunk(z_bhwm, [offsets[s] + j for j in rows], [ids[j] for j in rows])
     stats.prune()
     stats.seconds = time.perf_counter() - t0
@@ -407,10 +480,11 @@ def plan_tasks(reader: CacheReader, tasks: int) -> list[list[int]]:
 
 def compute_stats(reader: CacheReader, sae: MatryoshkaSAE, *, eps: float, radius: int, top_n: int,
                   split: str | None = None, val_fraction: float = 0.0, tasks: int | None = None,
-                  num_cpus: float = 1.0) -> ConceptStats:
+                  map_top: int = 0, num_cpus: float = 1.0) -> ConceptStats:
     """The whole pass as Ray tasks over groups of shards; partials are merged as they finish.
 
-    ``tasks`` defaults to the cluster's CPU count. Ray must be initialised
+    ``tasks`` defaults to the cluster's CPU count; ``map_top`` keeps the maps
+    galleries draw (`ConceptStats.top_map`). Ray must be initialised
     (`insight.cache.extract.ensure_ray`).
     """
     import ray
@@ -421,7 +495,8 @@ def compute_stats(reader: CacheReader, sae: MatryoshkaSAE, *, eps: float, radius
         tasks = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
     groups = plan_tasks(reader, tasks)
     blob_ref = ray.put(sae_blob(sae))
-    params = {"eps": eps, "radius": radius, "top_n": top_n, "split": split, "val_fraction": val_fraction}
+    params = {"eps": eps, "radius": radius, "top_n": top_n, "split": split, "val_fraction": val_fraction,
+              "map_top": map_top}
     remote = ray.remote(num_cpus=num_cpus, max_retries=2)(_stats_task)
     pending = [remote.remote(reader.location, g, blob_ref, params) for g in groups]
     total: ConceptStats | None = None

@@ -8,8 +8,8 @@ class-name lists. Filtering of the wordfreq list, in frequency order until
 - alphabetic ASCII, at least 3 letters, lower case;
 - not in `STOPWORDS`, a small hand-made list of function words (articles,
   pronouns, prepositions, conjunctions, auxiliaries, quantifiers) and of very
-  frequent words that name nothing one can see (``said``, ``really``, ``thing``);
-  wordfreq ships no stopword list;
+  frequent words that name nothing one can see (``said``, ``really``, ``thing``),
+  and a few slurs and profanities; wordfreq ships no stopword list;
 - with ``concepts.nounish`` (default), no ``-ly`` adverb whose stem is itself a
   listed word (``quickly`` goes because ``quick`` is listed; ``family`` stays).
   A real part-of-speech filter would need a tagger and its data; this cheap
@@ -55,6 +55,8 @@ with within without would yet you your yours yourself yourselves
 actually anyway know knew known think thought say says said tell told make makes made want wanted going gonna
 yes yeah okay lol hey thanks thank dont cant wont didnt doesnt isnt wasnt arent im ive youre theyre thats whats
 really pretty lot lots kind sort way ways thing stuff something nothing good bad great new old first last
+fuck fucking fucked fucker motherfucker shit shitty bullshit bitch bitches cunt asshole damn goddamn wtf omg lmao
+nigga nigger faggot slut whore porn
 """.split())
 
 

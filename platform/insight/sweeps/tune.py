@@ -99,13 +99,17 @@ def trial_fn(config: dict[str, Any]) -> None:
         client.log_dict(run_id, cfg.to_dict(), "config.json")
     final = Path(ray.tune.get_context().get_trial_dir()) / "final_sae"
     try:
+        # The loop logs the final checkpoint and ends the run before its last report.
         train_loop(loop_config(cfg, config["cache"], total_steps, "tune", run_id, final_dir=str(final)))
-    except BaseException:
+    except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
-    if (final / "config.json").is_file():
-        client.log_artifacts(run_id, str(final), "checkpoint")
-    client.set_terminated(run_id, "FINISHED")
+    except BaseException:  # Tune ending the trial (ASHA stop, shutdown)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+        raise
+    if client.get_run(run_id).info.status == "RUNNING":  # stopped before its last step by a scheduler
+        client.set_terminated(run_id, "KILLED")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -366,7 +366,7 @@ class EvalWorker:
             if self.spec["seg"] or self.dataset.kind in ("coco", "voc"):
                 try:
                     gt = self.gt.labels(rec)
-                except (OSError, ValueError) as exc:
+                except OSError as exc:  # a missing/unreadable mask skips the image; a wrong label fails the step
                     skipped[rec.image_id] = f"mask: {exc}"
                     continue
                 if gt is not None and gt.shape != rgb.shape[:2]:

@@ -200,7 +200,7 @@ class Segmenter:
         if self.bank.background:
             uncertain = max_prob < self.tasks.bg_threshold
             if saliency_hw is not None:
-                uncertain &= saliency_hw < self.tasks.saliency_threshold
+                uncertain &= saliency_hw.to(uncertain.device) < self.tasks.saliency_threshold
             labels = torch.where(uncertain, torch.zeros_like(labels), labels)
             bg_mask = uncertain.cpu().numpy()
         return SegmentationResult(

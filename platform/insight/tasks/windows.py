@@ -108,15 +108,18 @@ def assemble(maps_nkgg: torch.Tensor, plan: SlidePlan) -> torch.Tensor:
         raise ValueError(f"maps {tuple(maps_nkgg.shape)} do not fit the plan ({plan.n_windows} windows of "
                          f"{plan.grid_hw} patches)")
     wh, ww = plan.window_hw
-    up_nkhw = F.interpolate(maps_nkgg.float(), size=(wh, ww), mode="bilinear", align_corners=False)
     hp, wp = plan.padded_hw
+
+    def up(i: int) -> torch.Tensor:  # one window at a time: never (n, K, h, w) at once
+        return F.interpolate(maps_nkgg[i : i + 1].float(), size=(wh, ww), mode="bilinear", align_corners=False)[0]
+
     if n == 1 and plan.origins[0] == (0, 0) and (wh, ww) == (hp, wp):
-        out_khw = up_nkhw[0]
+        out_khw = up(0)
     else:
-        canvas_khw = up_nkhw.new_zeros(k, hp, wp)
-        count_hw = torch.zeros(hp, wp, dtype=up_nkhw.dtype, device=up_nkhw.device)
+        canvas_khw = maps_nkgg.new_zeros(k, hp, wp, dtype=torch.float32)
+        count_hw = torch.zeros(hp, wp, dtype=torch.float32, device=maps_nkgg.device)
         for i, (y, x) in enumerate(plan.origins):
-            canvas_khw[:, y : y + wh, x : x + ww] += up_nkhw[i]
+            canvas_khw[:, y : y + wh, x : x + ww] += up(i)
             count_hw[y : y + wh, x : x + ww] += 1
         out_khw = canvas_khw / count_hw
     hr, wr = plan.resized_hw

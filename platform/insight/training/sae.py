@@ -238,6 +238,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 ckpt_dir = tmp  # the reported checkpoint holds the folder sae/
                 if last and config.get("final_dir"):
                     save_sae(config["final_dir"], sae, cfg.to_dict(), None, step)  # the run's artifact
+                    if client is not None and config.get("runner") == "tune":
+                        # Before the last report: Tune may end the trial as soon as it sees it.
+                        client.log_artifacts(config["run_id"], config["final_dir"], "checkpoint")
+                        client.set_terminated(config["run_id"], "FINISHED")
             session.report(metrics, ckpt_dir)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

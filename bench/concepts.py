@@ -1,0 +1,194 @@
+"""Benchmark: the streaming concept-relation pass against a straightforward dense one.
+
+Same cache, same SAE, same threads, in one run. For each dictionary size M:
+
+* stream: `insight.concepts.stats.partial_stats` over every shard in one
+  process (exactly what each Ray task of `insight concepts` runs): per-image
+  codes, sparse active-pair accumulation of D in int64 fixed point, counts,
+  top-N patches with their codes.
+* dense: all tokens in memory, z (T, M) encoded in one go, A = 1[z > eps],
+  D = z^T A as one float32 matmul, counts = A.sum(0), top-N by torch.topk over
+  tokens.
+
+Each runs in its own subprocess so that peak memory (ru_maxrss, which
+includes the interpreter, torch and the loaded SAE: the "base" column) is its
+own. The children save D; the parent checks that both give the same Dn and
+counts. Data: synthetic patch grids (14 x 14) whose tokens are sums of k
+random unit atoms of an M-atom dictionary with coefficients in [0.5, 2) plus
+noise; the SAE is that dictionary with a threshold, so about k concepts fire
+per token, as in a trained model. The last stdout line is JSON.
+
+    python bench/concepts.py                          # M = 1024, 2048, 4096; T = 200,000 tokens
+    python bench/concepts.py --sizes 1024 --tokens 50000
+    python bench/concepts.py --dense-max 4096         # also the dense pass at M = 4096 (~10 GB peak)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("INSIGHT_LOG", "WARNING")
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = 14
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB) from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_data(folder: Path, tokens: int, dim: int, m: int, k: int, seed: int = 0) -> tuple[str, str]:
+    """A cache of synthetic grids and the matching thresholded SAE checkpoint."""
+    import numpy as np
+    import torch
+
+    from insight.cache.importer import import_features
+    from insight.sae import MatryoshkaSAE, save_sae
+
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(m, dim)).astype(np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    n_img = max(1, tokens // (GRID * GRID))
+    grids = np.lib.format.open_memmap(folder / "grids.npy", mode="w+", dtype=np.float32,
+                                      shape=(n_img, GRID, GRID, dim))
+    per = 32  # images per generation chunk (bounds the (b, k, D) temporary)
+    for s in range(0, n_img, per):
+        b = min(per, n_img - s) * GRID * GRID
+        idx = rng.integers(0, m, size=(b, k))
+        coef = rng.uniform(0.5, 2.0, size=(b, k)).astype(np.float32)
+        x = np.einsum("bk,bkd->bd", coef, atoms[idx]) + rng.normal(scale=0.05, size=(b, dim)).astype(np.float32)
+        grids[s : s + b // (GRID * GRID)] = x.reshape(-1, GRID, GRID, dim)
+    grids.flush()
+    cache = import_features(str(folder / "grids.npy"), str(folder / "cache"), shard_images=256)["cache"]
+    sae = MatryoshkaSAE(dim, m, [m], k=k, seed=0)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.from_numpy(atoms))
+        sae.W_enc.copy_(torch.from_numpy(atoms.T.copy()))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sample_nd = torch.from_numpy(np.load(folder / "grids.npy", mmap_mode="r")[:8].reshape(-1, dim).copy())
+        pre = (sample_nd @ sae.W_enc).flatten()
+        theta = torch.quantile(pre[torch.randperm(pre.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]],
+                               1.0 - k / m)  # about k concepts above theta per token, as trained models have
+        sae.threshold.fill_(float(theta))
+    ckpt = save_sae(folder / "sae", sae, {}, None, 0)
+    (folder / "grids.npy").unlink()
+    return cache, str(ckpt)
+
+
+def child(impl: str, cache: str, ckpt: str, out: str, threads: int, top_n: int, eps: float, radius: int) -> dict:
+    """One implementation in this process; returns timings and memory, saves D as float64."""
+    import numpy as np
+    import torch
+
+    from insight.cache import CacheReader
+    from insight.concepts.stats import FIXED_SCALE, encode_tokens, partial_stats
+    from insight.sae import load_sae
+
+    torch.set_num_threads(threads)
+    sae = load_sae(ckpt).eval()
+    reader = CacheReader(cache)
+    base = rss_mb()
+    t0 = time.perf_counter()
+    if impl == "stream":
+        st = partial_stats(reader, range(len(reader.manifest.shards)), sae, eps=eps, radius=radius, top_n=top_n)
+        seconds = time.perf_counter() - t0
+        d_mm = st.cooc_mm / FIXED_SCALE
+        count = st.count_m
+        tokens = st.tokens
+        l0 = float(count.sum() / tokens)
+        st.mean_vectors()  # part of the step's work, after the pass
+    else:
+        x_nd = torch.from_numpy(np.concatenate([reader.read_shard(s)[1].reshape(-1, reader.manifest.dim)
+                                                for s in reader.manifest.shards]))
+        with torch.no_grad():
+            z_tm = encode_tokens(sae, x_nd)
+            a_tm = (z_tm > eps).to(torch.float32)
+            d_mm = (z_tm.T @ a_tm).double().numpy()
+            count = a_tm.sum(0).long().numpy()
+            torch.topk(z_tm, top_n, dim=0)
+        seconds = time.perf_counter() - t0
+        tokens = x_nd.shape[0]
+        l0 = float(count.sum() / tokens)
+    np.save(out, d_mm)
+    np.save(out.replace(".npy", "-count.npy"), count)
+    return {"impl": impl, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "l0": l0,
+            "base_rss_mb": base, "peak_rss_mb": peak_mb(), "pass_peak_mb": peak_mb() - base}
+
+
+def run_child(impl: str, cache: str, ckpt: str, out: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, "--cache", cache, "--ckpt", ckpt, "--out", out,
+           "--threads", str(args.threads), "--top-n", str(args.top_n), "--radius", str(args.radius)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        return {"impl": impl, "error": (p.stderr or p.stdout)[-1500:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1024,2048,4096", help="Dictionary sizes M, comma separated.")
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--k", type=int, default=12, help="Atoms per token (about the active concepts).")
+    ap.add_argument("--top-n", type=int, default=30)
+    ap.add_argument("--radius", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dense-max", type=int, default=2048, help="Largest M the dense pass runs at (memory).")
+    ap.add_argument("--child", choices=["stream", "dense"], help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.cache, args.ckpt, args.out, args.threads, args.top_n, 1e-3,
+                               args.radius)))
+        return
+    import numpy as np
+
+    results = []
+    load_start = os.getloadavg()[0]
+    for m in [int(s) for s in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="insight-bench-concepts-") as tmp:
+            folder = Path(tmp)
+            cache, ckpt = make_data(folder, args.tokens, args.dim, m, args.k)
+            row: dict = {"M": m}
+            impls = ["stream"] + (["dense"] if m <= args.dense_max and args.radius == 0 else [])
+            for impl in impls:
+                row[impl] = run_child(impl, cache, ckpt, str(folder / f"{impl}.npy"), args)
+                sys.stderr.write(f"[bench] M={m} {impl}: {json.dumps(row[impl])[:300]}\n")
+            if "dense" in row and "error" not in row["dense"] and "error" not in row["stream"]:
+                ds, dd = np.load(folder / "stream.npy"), np.load(folder / "dense.npy")
+                diag_s, diag_d = np.diag(ds), np.diag(dd)
+                dn_s = np.where(diag_s[:, None] > 0, ds / np.maximum(diag_s, 1e-30)[:, None], 0)
+                dn_d = np.where(diag_d[:, None] > 0, dd / np.maximum(diag_d, 1e-30)[:, None], 0)
+                row["max_abs_dn_diff"] = float(np.abs(dn_s - dn_d).max())
+                row["counts_equal"] = bool(np.array_equal(np.load(folder / "stream-count.npy"),
+                                                          np.load(folder / "dense-count.npy")))
+                row["speedup"] = row["stream"]["tokens_per_s"] / row["dense"]["tokens_per_s"]
+                row["peak_ratio"] = row["dense"]["pass_peak_mb"] / max(1.0, row["stream"]["pass_peak_mb"])
+            results.append(row)
+    print(json.dumps({"bench": "concepts", "tokens": args.tokens, "dim": args.dim, "k": args.k, "grid": [GRID, GRID],
+                      "top_n": args.top_n, "radius": args.radius, "threads": args.threads,
+                      "load_avg": [load_start, os.getloadavg()[0]], "results": results}))
+
+
+if __name__ == "__main__":
+    main()

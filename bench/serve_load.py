@@ -1,0 +1,207 @@
+"""Benchmark: the served /v1/explain against the same work done in-process, and batching's gain.
+
+One run, one machine, loopback only:
+
+1. latency: one client, sequential requests for T seconds -> served p50/p95/p99;
+   the same work in-process (decode, centre view, model, render, JSON) for T
+   seconds -> in-process p50; overhead ratio = served p50 / in-process p50;
+2. load: N concurrent clients for T seconds with ``serve.max_batch_size``
+   batching -> p50/p95/p99, throughput, errors; then the same load with
+   max_batch_size 1 (changed in place through the deployment's user_config,
+   no model reload) -> batching gain = throughput(batched) / throughput(1).
+
+The model is the tiny test profile's SAE, trained here in seconds on the
+bundled images (``--model`` takes a checkpoint folder or models:/ ref instead).
+Both the replica and the in-process engine run torch on one thread. Requests
+are small PNGs of the bundled images; errors are non-200 answers or failed
+connections.
+
+    python bench/serve_load.py                      # tiny model, 8 clients, 15 s phases
+    python bench/serve_load.py --quick              # 4 clients, 4 s phases; one JSON line only
+    python bench/serve_load.py --profile vit-b16    # the reference backbone's compute (random init)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("INSIGHT_LOG", "WARNING")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = {
+    "tiny": (),
+    "vit-b16": ("backbone.model=ViT-B-16", "backbone.architecture=null", "backbone.image_size=224",
+                "sae.expansion=8", "tasks.crop=224", "tasks.stride=112"),
+}
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import numpy as np  # noqa: E402
+
+
+def percentiles(lat_s: list[float]) -> dict[str, float]:
+    if not lat_s:
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan")}
+    a = np.asarray(lat_s) * 1000.0
+    return {f"p{q}_ms": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)}
+
+
+def images(size: int) -> list[bytes]:
+    from serving import sample_png
+
+    return [sample_png(n, size or None) for n in ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse")]
+
+
+def in_process(engine, payloads: list[bytes], seconds: float, top_k: int) -> dict:
+    """The same work as a served /v1/explain, called directly: decode -> view -> model -> render -> JSON."""
+    from serve.images import center_view, decode_image
+
+    from serve import render
+
+    def once(data: bytes) -> bytes:
+        img = decode_image(data, 40_000_000, engine.image_size)
+        view = center_view(img, engine.image_size)
+        raw = engine.explain_batch([view.pixels], [top_k])[0]
+        return json.dumps({"concepts": render.explain_answer(raw, "png"), "view": view.box}).encode()
+
+    for data in payloads:  # warm-up
+        once(data)
+    lat, i, t_end = [], 0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        once(payloads[i % len(payloads)])
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    return {**percentiles(lat), "requests": len(lat), "throughput_rps": round(len(lat) / seconds, 2)}
+
+
+async def load(url: str, payloads: list[bytes], clients: int, seconds: float, top_k: int) -> dict:
+    """``clients`` concurrent keep-alive clients posting raw PNGs for ``seconds``."""
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    t_end = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        async def client(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post(f"/v1/explain?top_k={top_k}", content=payloads[i % len(payloads)],
+                                     headers={"Content-Type": "image/png"})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    lat.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                i += 1
+
+        for k in range(clients):  # warm-up: one request per client connection
+            await c.post(f"/v1/explain?top_k={top_k}", content=payloads[k % len(payloads)],
+                         headers={"Content-Type": "image/png"})
+        t0 = time.perf_counter()
+        t_end = t0 + seconds
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        wall = time.perf_counter() - t0
+    return {**percentiles(lat), "requests": len(lat), "errors": errors, "throughput_rps": round(len(lat) / wall, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4 clients, 4 s phases; print one JSON line only.")
+    ap.add_argument("--clients", type=int, default=None)
+    ap.add_argument("--seconds", type=float, default=None, help="Length of each phase.")
+    ap.add_argument("--model", default=None, help="Checkpoint folder or models:/ ref (default: train the tiny one).")
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="tiny",
+                    help="tiny: the test profile (7x7 grid, D=64); vit-b16: a random-init ViT-B-16 at 224 px "
+                         "(14x14 grid, D=512, M=4096), i.e. the reference model's compute without its weights.")
+    ap.add_argument("--size", type=int, default=0, help="Long side of the request images (0: as bundled, ~512 px).")
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--batch-wait-s", type=float, default=0.005)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray.")
+    args = ap.parse_args()
+    clients = args.clients or (4 if args.quick else 8)
+    seconds = args.seconds or (4.0 if args.quick else 15.0)
+    say = (lambda *a: None) if args.quick else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    import ray
+    import torch
+    from ray import serve
+    from serve.app import build_app
+    from serve.engine import Engine, ModelLoader
+
+    from serving import free_port, train_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    t_setup = time.perf_counter()
+    model = args.model or str(train_tiny_model(work, overrides=PROFILES[args.profile]))
+    torch.set_num_threads(1)
+    payloads = images(args.size)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_cfg = {"max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s, "num_cpus": 1,
+                 "ingress_cpus": 0.5}
+
+    def deploy(max_batch_size: int) -> None:
+        serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "config": str(ROOT / "configs/tiny.yaml"),
+                             "set": [f"workdir={work}"], "serve": {**serve_cfg, "max_batch_size": max_batch_size}}),
+                  name="insight", route_prefix="/")
+
+    try:
+        deploy(args.max_batch_size)
+        setup_s = time.perf_counter() - t_setup
+        say(f"setup {setup_s:.1f}s; load average {os.getloadavg()}")
+        engine = Engine(ModelLoader(model, args.tracking_uri)(), threads=1)
+
+        served_1 = asyncio.run(load(url, payloads, 1, seconds, args.top_k))
+        say("served, 1 client:", served_1)
+        local = in_process(engine, payloads, seconds, args.top_k)
+        say("in-process:", local)
+        batched = asyncio.run(load(url, payloads, clients, seconds, args.top_k))
+        say(f"served, {clients} clients, max_batch_size {args.max_batch_size}:", batched)
+        deploy(1)  # user_config change only: the replica reconfigures, the model stays loaded
+        unbatched = asyncio.run(load(url, payloads, clients, seconds, args.top_k))
+        say(f"served, {clients} clients, max_batch_size 1:", unbatched)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    result = {
+        "endpoint": "/v1/explain", "model": args.model or args.profile, "image_px": args.size or "bundled",
+        "top_k": args.top_k, "seconds_per_phase": seconds, "clients": clients,
+        "served_1_client": served_1, "in_process": local,
+        "overhead_ratio": round(served_1["p50_ms"] / local["p50_ms"], 3),
+        "served_load": {**batched, "max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s},
+        "served_load_unbatched": unbatched,
+        "batching_gain": round(batched["throughput_rps"] / max(unbatched["throughput_rps"], 1e-9), 3),
+        "errors": served_1["errors"] + batched["errors"] + unbatched["errors"],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(), "setup_s": round(setup_s, 1),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
