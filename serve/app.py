@@ -98,8 +98,8 @@ def check_model(ref: str, tracking_uri: str) -> None:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The Insight application: InsightIngress (FastAPI) -> InsightModel (batched)."""
     _ensure_importable()
+    from serve.common import ModelLoader
     from serve.deployments import InsightIngress, InsightModel
-    from serve.engine import ModelLoader
 
     cfg, ref, uri = resolve(args)
     s = cfg.serve

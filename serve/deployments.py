@@ -22,7 +22,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.engine import Engine, ExplainRaw, ModelLoader
+from serve.common import ExplainRaw, ModelLoader
 
 log = logging.getLogger("ray.serve")
 
@@ -32,6 +32,8 @@ class InsightModel:
     """One replica: the model, a single compute thread, a batch queue."""
 
     def __init__(self, loader: ModelLoader, threads: int = 1) -> None:
+        from serve.engine import Engine  # torch: only model replicas import it
+
         self.engine = Engine(loader(), threads=threads)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insight-model")
         self._inflight = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,47 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from serve.common import ExplainRaw, ModelLoader
 from serve.concepts import ConceptIndex
 
+__all__ = ["Engine", "ExplainRaw", "ModelLoader"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelLoader:
-    """Where the model comes from; handed to every replica, which loads it itself.
-
-    ``ref`` is ``models:/name@alias``, ``models:/name/version``, an MLflow run id
-    or a checkpoint folder (`insight.tracking.load_model`). Tests pass a tiny
-    model's folder or their own tracking store.
-    """
-
-    ref: str
-    tracking_uri: str | None = None
-    dst: str | None = None
-
-    def __call__(self) -> Any:
-        import os
-
-        from insight.tracking import load_model
-
-        # Replicas may share ``dst``: each downloads into its own subfolder.
-        dst = str(Path(self.dst) / f"replica-{os.getpid()}") if self.dst else None
-        return load_model(self.ref, tracking_uri=self.tracking_uri, dst=dst)
-
-
-@dataclass
-class ExplainRaw:
-    """Top concepts of one view: ids, scores and their activation maps on the patch grid."""
-
-    ids: np.ndarray  # (k,) int64
-    scores: np.ndarray  # (k,) max activation over patches
-    means: np.ndarray  # (k,) mean activation over patches
-    areas: np.ndarray  # (k,) fraction of patches where the concept fires
-    maps: np.ndarray  # (k, H, W) float32 activations z_i(p)
-    cosine: float  # mean cos(x, x^) over patches: how much of the feature the concepts explain
-    l0: float  # mean active concepts per patch
-    compute_ms: float
-    concepts: list[dict[str, Any]]  # per id: name, label, level and the root..concept path
 
 
 class Engine:

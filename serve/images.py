@@ -24,6 +24,9 @@ from serve.errors import ApiError
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # never pad a truncated file with invented pixels
 Image.init()  # register every plugin once, so the whitelist can name them (MPO is not preloaded)
+# PIL's bomb warning (over Image.MAX_IMAGE_PIXELS, 89 MP) becomes an error, process-wide: a
+# per-call warnings.catch_warnings() is not thread-safe, and decoding runs on worker threads.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _upright(im: Image.Image, width: int, height: int) -> tuple[Image.Image, int, int]:
+    """Apply the EXIF orientation (photos from phones); unreadable EXIF leaves the image as stored."""
+    try:
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # a 90-degree rotation swaps the sides
+            width, height = height, width
+        return ImageOps.exif_transpose(im) or im, width, height
+    except Exception:  # noqa: BLE001 - EXIF is optional metadata; its damage is not the pixels' fault
+        return im, width, height
+
+
 def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
     """Decode ``data`` safely; ``min_side`` lets a JPEG decode smaller while its short side stays >= it.
 
@@ -56,51 +69,35 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> D
     """
     if not data:
         raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except Image.DecompressionBombError as exc:
-            raise ApiError(413, "image_too_large", f"image refused as a decompression bomb: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - any failure to identify untrusted bytes is a client error
-            raise ApiError(
-                400, "invalid_image",
-                f"the data is not a readable image (accepted: {', '.join(ALLOWED_FORMATS)}): "
-                f"{type(exc).__name__}: {exc}"[:300],
-            ) from None
+    try:
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError(413, "image_too_large", f"image refused as a decompression bomb: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to identify untrusted bytes is a client error
+        raise ApiError(400, "invalid_image", f"the data is not a readable image (accepted: "
+                       f"{', '.join(ALLOWED_FORMATS)}): {type(exc).__name__}: {exc}"[:300]) from None
+    with im:
         width, height = im.size
+        fmt = im.format or ""
         if width < 1 or height < 1:
             raise ApiError(400, "invalid_image", f"the image has no pixels ({width}x{height})")
         if width * height > max_pixels:
-            raise ApiError(
-                413, "image_too_large",
-                f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
-                " (serve.max_pixels)",
-            )
+            raise ApiError(413, "image_too_large", f"the image is {width}x{height} = {width * height:,} pixels; "
+                           f"the limit is {max_pixels:,} (serve.max_pixels)")
         try:
-            if min_side and im.format in ("JPEG", "MPO") and min(width, height) > 2 * min_side:
+            if min_side and fmt in ("JPEG", "MPO") and min(width, height) > 2 * min_side:
                 scale = min_side / min(width, height)
                 im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            im.load()
-            fmt = im.format or ""
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees swaps the sides
-                width, height = height, width
-            im = ImageOps.exif_transpose(im) or im
-            rgb = np.asarray(_to_rgb(im), dtype=np.uint8)
+            im.load()  # the first frame of an animation (frames are never counted: that decodes them all)
+            upright, width, height = _upright(im, width, height)
+            rgb = np.asarray(_to_rgb(upright), dtype=np.uint8)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ApiError(413, "image_too_large", f"image refused as a decompression bomb: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a decoder failure on untrusted input is the input's fault
             msg = str(exc)
             code = "truncated_image" if "truncat" in msg.lower() or isinstance(exc, EOFError) else "invalid_image"
-            raise ApiError(
-                400, code,
-                f"the {im.format or 'image'} data could not be decoded (truncated or corrupt): "
-                f"{type(exc).__name__}: {msg}"[:300],
-            ) from None
-        finally:
-            im.close()
+            raise ApiError(400, code, f"the {fmt or 'image'} data could not be decoded (truncated or corrupt): "
+                           f"{type(exc).__name__}: {msg}"[:300]) from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
         raise ApiError(400, "invalid_image", f"the image decoded to an unusable array of shape {rgb.shape}")
     return Decoded(rgb=np.ascontiguousarray(rgb), width=width, height=height, format=fmt)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from serve.engine import ExplainRaw
+from serve.common import ExplainRaw
 
 
 @lru_cache(maxsize=1)

@@ -248,6 +248,37 @@ def test_bad_images_are_4xx(client, image):
     assert_error(raw(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "image/png"), 400, "invalid_image")
 
 
+def test_odd_but_valid_images_are_served(client):
+    """Extreme shapes and every accepted format/mode decode and run (first frame of an animation)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def enc(im, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    frames = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(3)]
+    cases = {
+        "1x1": png_bytes(np.full((1, 1, 3), 200, np.uint8)),
+        "1x900": png_bytes(rng.integers(0, 255, (1, 900, 3), dtype=np.uint8)),
+        "900x2": png_bytes(rng.integers(0, 255, (900, 2, 3), dtype=np.uint8)),
+        "gif": enc(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "png16": enc(Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)), "PNG"),
+        "la": enc(Image.new("LA", (20, 20), (90, 128)), "PNG"),
+        "cmyk": enc(Image.new("CMYK", (20, 30), (0, 50, 100, 0)), "JPEG"),
+        "webp": enc(Image.new("RGB", (20, 20), (1, 2, 3)), "WEBP"),
+        "bmp": enc(Image.new("1", (20, 20)), "BMP"),
+        "tiff": enc(Image.fromarray(rng.random((20, 20)).astype(np.float32)), "TIFF"),
+    }
+    for name, data in cases.items():
+        r = client.post("/v1/explain?top_k=3", content=data, headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 200, (name, r.text[:300])
+    r = client.post("/v1/segment", files={"image": ("a.png", cases["1x900"], "image/png")}, data={"classes": "a,b"})
+    assert r.status_code == 200 and r.json()["size"] == [900, 1], r.text[:300]
+
+
 def test_bad_bodies_are_4xx(client, image):
     big = os.urandom(LIMITS["max_body_bytes"] + 10)
     msg = assert_error(client.post("/v1/explain", content=big, headers={"Content-Type": "image/png"}), 413,

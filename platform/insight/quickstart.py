@@ -61,6 +61,7 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
     from insight import tracking
     from insight.cache.extract import extract
     from insight.concepts.run import mine_concepts
+    from insight.config import config_with
     from insight.report import Figure, Section, write_report
     from insight.sweeps.tune import sweep
     from insight.tasks.evaluate import evaluate
@@ -88,7 +89,7 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
             f"{co['levels']} levels", t0)
 
     _say(4, "evaluating segmentation through concepts vs the opaque backbone ...", t0)
-    ev = evaluate(cfg, model_ref, task="segmentation")
+    ev = evaluate(config_with(cfg, {"tasks.split": str(_annotated_split(cfg))}), model_ref, task="segmentation")
     _say(4, f"mIoU through concepts {ev.get('miou_concepts')}, opaque {ev.get('miou_opaque')}, "
             f"ratio {ev.get('miou_ratio')}", t0)
 
@@ -170,6 +171,19 @@ def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figur
     return write_report(work / "report.html", "Insight quickstart report",
                         "Every step of the platform on real bundled images: features, sweep, concepts, evaluation "
                         "and serving.", sections, meta)
+
+
+def _annotated_split(cfg) -> Path:
+    """An id list of the dataset's images that carry masks (the others cannot score segmentation)."""
+    from insight.data.datasets import build_dataset
+
+    ds = build_dataset(cfg.data, cfg.workdir)
+    ids = [r.image_id for r in ds.records if (m := ds.semantic_mask(r)) is not None and (m != ds.ignore_index).any()]
+    if not ids:
+        raise ValueError(f"data: no image of {ds.root} has masks to evaluate segmentation on")
+    path = Path(cfg.workdir).resolve() / "annotated_images.txt"
+    path.write_text("\n".join(ids) + "\n")
+    return path
 
 
 def _csv_rows(path: Path) -> list[dict[str, Any]]:

@@ -100,7 +100,8 @@ class LoadedModel:
         """
         from insight.concepts.table import ConceptTable
 
-        places = ([self.artifacts / "concepts"] if self.artifacts else []) + [self.checkpoint.parent / "concepts"]
+        places = list(dict.fromkeys(([self.artifacts / "concepts"] if self.artifacts else [])
+                                    + [self.checkpoint.parent / "concepts"]))
         for folder in places:
             if (folder / "concepts.parquet").is_file() or (folder / "concepts.json").is_file():
                 return ConceptTable.load(folder)

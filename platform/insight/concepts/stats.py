@@ -21,7 +21,8 @@ Why it looks like this:
   the number of tokens. bench/concepts.py measures it against the dense product.
 - Exact and split-invariant. Codes are computed image by image (one matmul
   shape for every image, so a token's code never depends on which tokens share
-  its batch), D is accumulated in int64 fixed point (units of 2^-20), and top-N
+  its batch), D is accumulated in int64 fixed point (units of 2^-20, room for
+  8.8e12 units of activation mass per pair: billions of tokens), and top-N
   ties break on a global token key. Integer addition is associative, so
   partial sums over any split of the shards add up bit for bit to the
   one-shard result; float partial sums would differ in the last bits with the
@@ -170,26 +171,32 @@ def add_pairs(cooc_flat: Tensor, t_w: Tensor, i_w: Tensor, w_fixed: Tensor, t_n:
 
 def merge_top(val_mn: np.ndarray, key_mn: np.ndarray, concept: np.ndarray, val: np.ndarray,
               key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep, per concept, the N best of (table entries + candidates): activation desc, then key asc.
+    """Keep, per concept, the N best of (table row + candidates): activation desc, then key asc.
 
-    The order is total (keys are unique per token), so the result does not
-    depend on the order in which candidates arrive.
+    Only the rows of concepts with candidates are re-sorted, in place (the
+    arrays must be writable). The order is total (keys are unique per token),
+    so the result does not depend on the order in which candidates arrive.
     """
-    m, n = val_mn.shape
-    have = key_mn >= 0
-    rows = np.nonzero(have)[0]
-    conc = np.concatenate([rows, concept.astype(np.int64)])
-    vals = np.concatenate([val_mn[have], val.astype(np.float32)])
-    keys = np.concatenate([key_mn[have], key.astype(np.int64)])
+    if concept.size == 0:
+        return val_mn, key_mn
+    n = val_mn.shape[1]
+    rows = np.unique(concept)
+    sub_key = key_mn[rows]
+    have = sub_key >= 0
+    conc = np.concatenate([np.nonzero(have)[0], np.searchsorted(rows, concept)])
+    vals = np.concatenate([val_mn[rows][have], val.astype(np.float32)])
+    keys = np.concatenate([sub_key[have], key.astype(np.int64)])
     order = np.lexsort((keys, -vals, conc))
     conc, vals, keys = conc[order], vals[order], keys[order]
     rank = np.arange(conc.size) - np.searchsorted(conc, conc, side="left")
     keep = rank < n
-    out_val = np.full((m, n), -np.inf, np.float32)
-    out_key = np.full((m, n), -1, np.int64)
+    out_val = np.full((rows.size, n), -np.inf, np.float32)
+    out_key = np.full((rows.size, n), -1, np.int64)
     out_val[conc[keep], rank[keep]] = vals[keep]
     out_key[conc[keep], rank[keep]] = keys[keep]
-    return out_val, out_key
+    val_mn[rows] = out_val
+    key_mn[rows] = out_key
+    return val_mn, key_mn
 
 
 # ------------------------------------------------------------------ the partial sums
@@ -266,11 +273,13 @@ class ConceptStats:
         cand = vals >= floor
         if not cand.any():
             return
+        cand_keys = keys[cand]
         self.top_val_mn, self.top_key_mn = merge_top(self.top_val_mn, self.top_key_mn, i_np[cand], vals[cand],
-                                                     keys[cand])
-        # sparse codes of the tokens that entered the table
-        in_table = np.unique(self.top_key_mn[self.top_key_mn >= 0])
-        new = np.setdiff1d(np.intersect1d(in_table, np.unique(keys[cand])), np.fromiter(self.codes, np.int64))
+                                                     cand_keys)
+        # sparse codes of the tokens that entered the table (only changed rows can hold them)
+        rows_aff = np.unique(i_np[cand])
+        entered = np.unique(cand_keys[np.isin(cand_keys, self.top_key_mn[rows_aff])])
+        new = np.array([k for k in entered.tolist() if k not in self.codes], np.int64)
         if new.size:
             local = {int(o): j for j, o in enumerate(ords)}
             t_new = np.array([local[int(k // hw)] * hw + int(k % hw) for k in new], np.int64)
@@ -284,11 +293,11 @@ class ConceptStats:
             for j, o in enumerate(ords):
                 self.image_ids[int(o)] = ids[j]
         if self.map_top:
-            self._add_maps(z_bhwm, ords)
+            self._add_maps(z_bhwm, ords, rows_aff)
         if len(self.codes) > 4 * self.top_n * max(1, min(self.n_concepts, 4096)):
             self.prune()
 
-    def _add_maps(self, z_bhwm: Tensor, ords: np.ndarray) -> None:
+    def _add_maps(self, z_bhwm: Tensor, ords: np.ndarray, rows: np.ndarray) -> None:
         """Keep the activation map (over its image) of every new entry among the first ``map_top`` of a table row.
 
         Entries only move down a row as better ones arrive, so an entry that is
@@ -296,8 +305,9 @@ class ConceptStats:
         galleries never need a second pass over the cache.
         """
         hw = self.tokens_per_image
-        sub = self.top_key_mn[:, : min(self.map_top, self.top_n)]
-        conc, _ = np.nonzero(sub >= 0)
+        sub = self.top_key_mn[rows, : min(self.map_top, self.top_n)]
+        r_idx, _ = np.nonzero(sub >= 0)
+        conc = rows[r_idx]
         keys = sub[sub >= 0]
         ord_k = keys // hw
         pick = [j for j in np.nonzero(np.isin(ord_k, ords))[0] if (int(conc[j]), int(keys[j])) not in self.maps]
@@ -333,7 +343,7 @@ class ConceptStats:
         if (other.n_concepts, tuple(other.grid), other.top_n, other.eps, other.radius) != (
                 self.n_concepts, tuple(self.grid), self.top_n, self.eps, self.radius):
             raise ValueError("cannot merge concept statistics of different shapes or settings")
-        for name in ("count_m", "cooc_mm"):  # partials fetched from Ray's object store are read-only views
+        for name in ("count_m", "cooc_mm", "top_val_mn", "top_key_mn"):  # Ray's object store gives read-only views
             if not getattr(self, name).flags.writeable:
                 setattr(self, name, getattr(self, name).copy())
         self.tokens += other.tokens

@@ -36,6 +36,7 @@ class ImageDataset:
     class_names: list[str] = field(default_factory=list)
     annotations: str | None = None
     ignore_index: int = 255
+    bundled: bool = False  # the packaged samples: rewritten per workdir, identified by content
 
     def __len__(self) -> int:
         return len(self.records)
@@ -47,14 +48,14 @@ class ImageDataset:
         h = hashlib.sha256()
         for r in self.records:
             try:
-                if self.kind == "samples":  # rewritten per workdir: hash content, not mtimes
+                if self.bundled:  # rewritten per workdir: hash content, not mtimes
                     h.update(f"{r.image_id}|{hashlib.sha256(Path(r.path).read_bytes()).hexdigest()}\n".encode())
                     continue
                 st = Path(r.path).stat()
                 h.update(f"{r.image_id}|{st.st_size}|{int(st.st_mtime)}\n".encode())
             except OSError:
                 h.update(f"{r.image_id}|missing\n".encode())
-        root = "<bundled samples>" if self.kind == "samples" else str(Path(self.root).resolve())
+        root = "<bundled samples>" if self.bundled else str(Path(self.root).resolve())
         return {"kind": self.kind, "root": root, "listing": h.hexdigest(),
                 "count": len(self.records)}
 
@@ -131,7 +132,7 @@ def build_dataset(cfg, workdir: str) -> ImageDataset:
 
         ann, images = write_samples(Path(workdir) / "data" / "samples")
         ds = coco_dataset(str(ann), str(images))
-        ds.kind = "samples"
+        ds.bundled = True  # a COCO dataset like any other, with a content-based identity
     else:  # pragma: no cover - the schema forbids it
         raise ValueError(f"unknown data.kind {cfg.kind!r}")
     if cfg.max_images is not None:

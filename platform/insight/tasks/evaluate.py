@@ -142,7 +142,7 @@ def resolve_classes(tasks, dataset) -> LabelSpace:
         names, bg_default = list(BENCHMARKS[spec][0]), BENCHMARKS[spec][1]
     elif isinstance(spec, list):
         names, bg_default = list(spec), False
-    elif dataset.kind in ("folder", "samples"):
+    elif dataset.kind == "folder":
         names = sorted({c for r in dataset.records if (c := _folder_class(r.image_id))})
         bg_default = False
         if not names:
