@@ -2,13 +2,17 @@
 
 One run, one machine, loopback only:
 
-1. latency: one client, sequential requests for T seconds -> served p50/p95/p99;
-   the same work in-process (decode, centre view, model, render, JSON) for T
-   seconds -> in-process p50; overhead ratio = served p50 / in-process p50;
-2. load: N concurrent clients for T seconds with ``serve.max_batch_size``
-   batching -> p50/p95/p99, throughput, errors; then the same load with
-   max_batch_size 1 (changed in place through the deployment's user_config,
-   no model reload) -> batching gain = throughput(batched) / throughput(1).
+1. latency: one client for T seconds, alternating a served request and the
+   same work in-process (decode, centre view, model, render, JSON) -> served
+   p50/p95/p99, in-process p50; overhead ratio = served p50 / in-process p50;
+2. load: N concurrent clients, T seconds with ``serve.max_batch_size``
+   batching and T seconds with max_batch_size 1, in alternating rounds
+   (changed in place through the deployment's user_config, no model reload)
+   -> p50/p95/p99, throughput, errors of each; batching gain =
+   throughput(batched) / throughput(1).
+
+Alternating keeps both sides of each comparison under the same machine load
+(the machine is shared; its load average is printed with the figures).
 
 The model is the tiny test profile's SAE, trained here in seconds on the
 bundled images (``--model`` takes a checkpoint folder or models:/ ref instead).
@@ -65,27 +69,52 @@ def images(size: int) -> list[bytes]:
     return [sample_png(n, size or None) for n in ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse")]
 
 
-def in_process(engine, payloads: list[bytes], seconds: float, top_k: int) -> dict:
-    """The same work as a served /v1/explain, called directly: decode -> view -> model -> render -> JSON."""
+def interleaved_latency(url: str, engine, payloads: list[bytes], seconds: float, top_k: int) -> tuple[dict, dict]:
+    """One client: a served request, then the same work in-process, alternately, for ``seconds``.
+
+    Alternating puts both under the same machine load (this machine is shared), so the ratio
+    compares like with like. In-process = decode -> view -> model -> render -> JSON, exactly
+    the ingress's and the replica's work without Serve in between.
+    """
+    import httpx
     from serve.images import center_view, decode_image
 
     from serve import render
 
-    def once(data: bytes) -> bytes:
+    def local(data: bytes) -> bytes:
         img = decode_image(data, 40_000_000, engine.image_size)
         view = center_view(img, engine.image_size)
         raw = engine.explain_batch([view.pixels], [top_k])[0]
         return json.dumps({"concepts": render.explain_answer(raw, "png"), "view": view.box}).encode()
 
-    for data in payloads:  # warm-up
-        once(data)
-    lat, i, t_end = [], 0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        once(payloads[i % len(payloads)])
-        lat.append(time.perf_counter() - t0)
-        i += 1
-    return {**percentiles(lat), "requests": len(lat), "throughput_rps": round(len(lat) / seconds, 2)}
+    served_lat, local_lat, errors = [], [], 0
+    with httpx.Client(base_url=url, timeout=60) as c:
+        def remote(data: bytes) -> bool:
+            try:
+                r = c.post(f"/v1/explain?top_k={top_k}", content=data, headers={"Content-Type": "image/png"})
+                return r.status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        for data in payloads:  # warm-up both paths
+            remote(data)
+            local(data)
+        i, t_end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            data = payloads[i % len(payloads)]
+            t0 = time.perf_counter()
+            ok = remote(data)
+            t1 = time.perf_counter()
+            local(data)
+            t2 = time.perf_counter()
+            if ok:
+                served_lat.append(t1 - t0)
+            else:
+                errors += 1
+            local_lat.append(t2 - t1)
+            i += 1
+    served = {**percentiles(served_lat), "requests": len(served_lat), "errors": errors}
+    return served, {**percentiles(local_lat), "requests": len(local_lat)}
 
 
 async def load(url: str, payloads: list[bytes], clients: int, seconds: float, top_k: int) -> dict:
@@ -94,7 +123,7 @@ async def load(url: str, payloads: list[bytes], clients: int, seconds: float, to
 
     lat: list[float] = []
     errors = 0
-    t_end = time.perf_counter() + seconds
+    t_end = time.perf_counter() + seconds  # reset after the warm-up
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
         async def client(k: int) -> None:
@@ -121,7 +150,15 @@ async def load(url: str, payloads: list[bytes], clients: int, seconds: float, to
         t_end = t0 + seconds
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - t0
-    return {**percentiles(lat), "requests": len(lat), "errors": errors, "throughput_rps": round(len(lat) / wall, 2)}
+    return {"latencies": lat, "errors": errors, "wall_s": wall}
+
+
+def merge(parts: list[dict]) -> dict:
+    """Rounds of one setting -> percentiles over all their requests, throughput over their summed time."""
+    lat = [x for p in parts for x in p["latencies"]]
+    wall = sum(p["wall_s"] for p in parts)
+    return {**percentiles(lat), "requests": len(lat), "errors": sum(p["errors"] for p in parts),
+            "throughput_rps": round(len(lat) / wall, 2)}
 
 
 def main() -> None:
@@ -142,6 +179,7 @@ def main() -> None:
     args = ap.parse_args()
     clients = args.clients or (4 if args.quick else 8)
     seconds = args.seconds or (4.0 if args.quick else 15.0)
+    rounds = 2 if args.quick else 3
     say = (lambda *a: None) if args.quick else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     import ray
@@ -172,17 +210,22 @@ def main() -> None:
     try:
         deploy(args.max_batch_size)
         setup_s = time.perf_counter() - t_setup
-        say(f"setup {setup_s:.1f}s; load average {os.getloadavg()}")
+        load_start = [round(x, 2) for x in os.getloadavg()]
+        say(f"setup {setup_s:.1f}s; load average {load_start}")
         engine = Engine(ModelLoader(model, args.tracking_uri)(), threads=1)
 
-        served_1 = asyncio.run(load(url, payloads, 1, seconds, args.top_k))
+        served_1, local = interleaved_latency(url, engine, payloads, seconds, args.top_k)
         say("served, 1 client:", served_1)
-        local = in_process(engine, payloads, seconds, args.top_k)
-        say("in-process:", local)
-        batched = asyncio.run(load(url, payloads, clients, seconds, args.top_k))
+        say("in-process (interleaved with it):", local)
+        # Batched and unbatched load in alternating rounds (user_config changes in place, the model
+        # stays loaded), so a change of the machine's load hits both alike.
+        runs: dict[int, list[dict]] = {args.max_batch_size: [], 1: []}
+        for _ in range(rounds):
+            for mbs in (args.max_batch_size, 1):
+                deploy(mbs)
+                runs[mbs].append(asyncio.run(load(url, payloads, clients, seconds / rounds, args.top_k)))
+        batched, unbatched = merge(runs[args.max_batch_size]), merge(runs[1])
         say(f"served, {clients} clients, max_batch_size {args.max_batch_size}:", batched)
-        deploy(1)  # user_config change only: the replica reconfigures, the model stays loaded
-        unbatched = asyncio.run(load(url, payloads, clients, seconds, args.top_k))
         say(f"served, {clients} clients, max_batch_size 1:", unbatched)
     finally:
         serve.shutdown()
@@ -196,8 +239,8 @@ def main() -> None:
         "served_load": {**batched, "max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s},
         "served_load_unbatched": unbatched,
         "batching_gain": round(batched["throughput_rps"] / max(unbatched["throughput_rps"], 1e-9), 3),
-        "errors": served_1["errors"] + batched["errors"] + unbatched["errors"],
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "errors": served_1["errors"] + batched["errors"] + unbatched["errors"], "rounds": rounds,
+        "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(), "setup_s": round(setup_s, 1),
     }
     print(json.dumps(result), flush=True)

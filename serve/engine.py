@@ -69,8 +69,15 @@ class Engine:
             "has_probe": self.probe is not None,
             "probe_classes": list(self.probe.class_names) if self.probe is not None else None,
             "segment_short_side": self.segment_short_side, "segment_max_long_side": int(self.cfg.tasks.max_long_side),
-            "config": self.cfg.to_dict(),
+            "config": self._public_config(),
         }
+
+    def _public_config(self) -> dict[str, Any]:
+        """The model's training config, minus secrets (an API key it may have been trained with)."""
+        cfg = self.cfg.to_dict()
+        if cfg.get("serve", {}).get("api_key"):
+            cfg["serve"]["api_key"] = "***"
+        return cfg
 
     # --------------------------------------------------------------- explain
 

@@ -23,7 +23,8 @@ from serve.errors import ApiError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # never pad a truncated file with invented pixels
-Image.init()  # register every plugin once, so the whitelist can name them (MPO is not preloaded)
+Image.init()  # register every plugin once, then keep the whitelisted ones that exist in this Pillow
+ALLOWED_FORMATS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)  # (MPO files open through JPEG)
 # PIL's bomb warning (over Image.MAX_IMAGE_PIXELS, 89 MP) becomes an error, process-wide: a
 # per-call warnings.catch_warnings() is not thread-safe, and decoding runs on worker threads.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)

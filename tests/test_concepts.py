@@ -283,6 +283,7 @@ def test_wordfreq_vocabulary_filter_and_embedding_cache(tmp_path):
 
 def test_concepts_cli_end_to_end(tiny_cache, tmp_path):
     import mlflow
+    import ray
 
     from insight.config import load_config
     from insight.tracking import load_model
@@ -291,11 +292,16 @@ def test_concepts_cli_end_to_end(tiny_cache, tmp_path):
     _, extracted = tiny_cache
     cfg = load_config(TINY, [f"workdir={tmp_path}", f"train.cache={extracted['cache']}", "train.max_steps=25"])
     trained = train(cfg)
+    # the step joins the test's running Ray cluster (as it would join a real one) instead of starting its own
+    address = ray.get_runtime_context().gcs_address
     args = [sys.executable, "-m", "insight.cli", "concepts", "--model", trained["run_id"], "--config", str(TINY),
-            "--set", f"workdir={tmp_path}", "--set", "concepts.gallery_per_group=3"]
+            "--set", f"workdir={tmp_path}", "--set", "concepts.gallery_per_group=3", "--set",
+            f"cluster.address={address}"]
     p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
+    print("e2e: train", round(trained["wall_s"], 1), "s; concepts", round(out["wall_s"], 1), "s",
+          {k: round(v, 1) for k, v in out["timings"].items()})
     assert out["ok"] and out["concepts"] == 64 * 4 and isinstance(out["with_parents"], int)
     for key in ("table", "table_json", "relations", "hierarchy", "hierarchy_png", "hierarchy_html", "contact_sheet"):
         assert Path(out[key]).stat().st_size > 0, key

@@ -8,8 +8,8 @@ One pass over the cache's patch tokens gives, for every concept i of an SAE:
   r (j active anywhere within r patches of t, t included). D[i,i] is concept i's
   activation mass and Dn = D / diag(D) (`dn_rows`).
 - The ``top_n`` most activating patches (image, row, col, activation) and the
-  sparse code z(t) of each, from which M[i,:], the mean concept vector over i's
-  top patches, follows (`mean_vectors`); for the first ``map_top`` of them also
+  active code of each (z(t) where z > eps), from which M[i,:], the mean concept
+  vector over i's top patches, follows (`mean_vectors`); for the first ``map_top`` of them also
   the concept's map over the whole image, which galleries draw (`top_map`).
 
 Why it looks like this:
@@ -283,13 +283,11 @@ class ConceptStats:
         if new.size:
             local = {int(o): j for j, o in enumerate(ords)}
             t_new = np.array([local[int(k // hw)] * hw + int(k % hw) for k in new], np.int64)
-            rows_nm = z_tm[torch.from_numpy(t_new)]
-            r_idx, c_idx = rows_nm.nonzero(as_tuple=True)
-            vals_new = rows_nm[r_idx, c_idx].numpy().astype(np.float32)
-            splits = np.cumsum(np.bincount(r_idx.numpy(), minlength=new.size))[:-1]
-            for k, ci, vi in zip(new, np.split(c_idx.numpy().astype(np.int32), splits), np.split(vals_new, splits),
-                                 strict=True):
-                self.codes[int(k)] = (ci, vi)
+            sel = np.isin(t_np, t_new)  # their active entries, grouped by token (t_np is sorted)
+            t_sel, c_sel, v_sel = t_np[sel], i_np[sel].astype(np.int32), vals[sel]
+            lo, hi = np.searchsorted(t_sel, t_new, "left"), np.searchsorted(t_sel, t_new, "right")
+            for k, start, stop in zip(new.tolist(), lo.tolist(), hi.tolist(), strict=True):
+                self.codes[k] = (c_sel[start:stop], v_sel[start:stop])
             for j, o in enumerate(ords):
                 self.image_ids[int(o)] = ids[j]
         if self.map_top:
