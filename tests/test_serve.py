@@ -463,7 +463,7 @@ def test_fuzz_no_5xx_and_still_healthy(served):
 # ------------------------------------------------------------------ app wiring and the CLI
 
 
-def test_config_yaml_and_build_app_args():
+def test_config_yaml_and_build_app_args(tiny_model):
     import yaml
     from ray.serve.schema import ServeDeploySchema
     from serve.app import build_app, check_model, resolve
@@ -481,6 +481,12 @@ def test_config_yaml_and_build_app_args():
         resolve({"serve": {"max_batch_size": 0}})
     with pytest.raises(ValueError, match="expected models:/"):
         check_model("no-such-thing", "sqlite:///:memory:")
+    check_model("models:/insight@champion", tiny_model.tracking_uri)
+    check_model("models:/insight/1", tiny_model.tracking_uri)
+    check_model(str(tiny_model.checkpoint), tiny_model.tracking_uri)
+    for missing in ("models:/insight@nope", "models:/insight/7", "0" * 32):
+        with pytest.raises(ValueError, match="not found"):
+            check_model(missing, tiny_model.tracking_uri)
 
 
 def test_engine_uses_the_concept_table_when_the_model_has_one(served, tmp_path):
@@ -505,8 +511,16 @@ def test_engine_uses_the_concept_table_when_the_model_has_one(served, tmp_path):
     ConceptTable(rows).save(ckpt.parent / "concepts")
     (ckpt.parent / "concepts" / "galleries").mkdir()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(ckpt.parent / "concepts" / "galleries" / "concept-3.png")
+    import torch
+
+    from insight.tasks.classification import ConceptProbe
+
+    probe_w = torch.zeros(3, 256)
+    probe_w[1, :128] = 1.0  # a probe whose class "b" is evidence from the first 128 concepts
+    ConceptProbe(probe_w, ["a", "b", "c"]).save(ckpt.parent / "probe")
     engine = Engine(ModelLoader(str(ckpt))())
     assert engine.concepts.named and engine.info()["concepts_named"]
+    assert engine.info()["has_probe"] and engine.info()["probe_classes"] == ["a", "b", "c"]
     d = engine.concept_detail(3)
     assert d["name"] == "whisker" and [p["name"] for p in d["path"]] == words
     assert d["gallery_png"] and d["parents"][0]["name"] == "cat" and d["candidates"][0] == {"name": "w3", "score": 0.5}
@@ -518,6 +532,12 @@ def test_engine_uses_the_concept_table_when_the_model_has_one(served, tmp_path):
     view = center_view(decode_image(sample_png(), 10**8), engine.image_size)
     raw = engine.explain_batch([view.pixels], [5])[0]
     assert all(c["name"] for c in raw.concepts) and all(c["path"][-1]["id"] == c["id"] for c in raw.concepts)
+    probed = engine.classify(view.pixels, None, 3)
+    assert probed["mode"].startswith("probe") and [c["class"] for c in probed["classes"]][0] == "b"
+    top = probed["classes"][0]
+    contributions = [c["contribution"] for c in top["concepts"]]
+    assert contributions == sorted(contributions, reverse=True) and top["logit"] >= sum(contributions) - 1e-5
+    assert all(c["id"] < 128 and c["contribution"] > 0 and c["name"] for c in top["concepts"])
 
 
 def test_static_files_are_self_contained():

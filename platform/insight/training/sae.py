@@ -237,7 +237,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 save_sae(Path(tmp) / "sae", sae, cfg.to_dict(), opt.state_dict(), step)
                 ckpt_dir = tmp  # the reported checkpoint holds the folder sae/
                 if last and config.get("final_dir"):
-                    save_sae(config["final_dir"], sae, cfg.to_dict(), None, step)  # the run's artifact
+                    save_sae(config["final_dir"], sae, cfg.to_dict(), opt.state_dict(), step)  # the run's artifact
                     if client is not None and config.get("runner") == "tune":
                         # Before the last report: Tune may end the trial as soon as it sees it.
                         client.log_artifacts(config["run_id"], config["final_dir"], "checkpoint")
