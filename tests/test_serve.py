@@ -489,7 +489,7 @@ def test_config_yaml_and_build_app_args(tiny_model):
             check_model(missing, tiny_model.tracking_uri)
 
 
-def test_engine_uses_the_concept_table_when_the_model_has_one(served, tmp_path):
+def test_engine_uses_the_concept_table_when_the_model_has_one(tiny_model, tmp_path):
     """Names, hierarchy paths and galleries come from the model's concept table (real ConceptTable files)."""
     import shutil
 
@@ -499,7 +499,7 @@ def test_engine_uses_the_concept_table_when_the_model_has_one(served, tmp_path):
     from insight.concepts.table import Candidate, Concept, ConceptTable
 
     ckpt = tmp_path / "m" / "sae"
-    shutil.copytree(served.checkpoint, ckpt)
+    shutil.copytree(tiny_model.checkpoint, ckpt)
     words = ["thing", "animal", "cat", "whisker"]
     rows = []
     for i in range(256):

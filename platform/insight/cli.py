@@ -330,6 +330,9 @@ def serve_cmd(
         except Exception as exc:  # a replica failed to start (bad model, port, resources): say so, exit 2
             raise StepFailed(f"deploying {ref} failed: {exc}") from None
         state["served"] = True
+        if not blocking and not cfg.cluster.address and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+            typer.echo("warning: --no-blocking with a Ray this command started itself: Serve stops when it exits;"
+                       " set cluster.address to deploy onto a running cluster", err=True)
         host = f"[{cfg.serve.host}]" if ":" in cfg.serve.host else cfg.serve.host
         url = f"http://{host}:{cfg.serve.port}"
         return {"url": url, "model": ref, "tracking_uri": uri, "docs": f"{url}/docs", "blocking": blocking,

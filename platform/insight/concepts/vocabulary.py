@@ -11,9 +11,10 @@ class-name lists. Filtering of the wordfreq list, in frequency order until
   frequent words that name nothing one can see (``said``, ``really``, ``thing``),
   and a few slurs and profanities; wordfreq ships no stopword list;
 - with ``concepts.nounish`` (default), no ``-ly`` adverb whose stem is itself a
-  listed word (``quickly`` goes because ``quick`` is listed; ``family`` stays).
-  A real part-of-speech filter would need a tagger and its data; this cheap
-  heuristic removes the largest class of words that never name a concept.
+  word among wordfreq's top 50k (``quickly``, ``simply``, ``basically`` go;
+  ``family``, ``italy`` stay; a few nouns such as ``supply`` go too). A real
+  part-of-speech filter would need a tagger and its data; this cheap heuristic
+  removes the largest class of words that never name a concept.
 
 User words and class names are never filtered. Every word is embedded with the
 prompt templates of ``backbone.templates`` (averaged, renormalised:
@@ -73,20 +74,27 @@ class Vocabulary:
         return len(self.words)
 
 
+def _adverb_of_listed_stem(word: str, lexicon: set[str]) -> bool:
+    """quick-ly, simpl-y (simple), happi-ly (happy), basical-ly (basic), full-y (full): the stem is a word."""
+    if not word.endswith("ly") or len(word) <= 4:
+        return False
+    stems = {word[:-2], word[:-3] + "y", word[:-2] + "e", word[:-1] + "e", word[:-1], word[:-4]}
+    return any(len(s) >= 3 and s in lexicon for s in stems)
+
+
 def wordfreq_words(n: int, nounish: bool = True) -> list[str]:
     """The ``n`` most frequent English words that pass the filter of the module doc."""
     import wordfreq
 
     pool = 2 * n + 200
+    lexicon = set(wordfreq.top_n_list("en", max(50_000, pool))) if nounish else set()
     while True:
         listed = wordfreq.top_n_list("en", pool)
-        lexicon = {w for w in listed if w.isascii() and w.isalpha()}
         kept: list[str] = []
         for w in listed:
             if not (w.isascii() and w.isalpha() and len(w) >= 3 and w == w.lower()) or w in STOPWORDS:
                 continue
-            if nounish and w.endswith("ly") and len(w) > 4 and (w[:-2] in lexicon or w[:-3] + "y" in lexicon
-                                                                  or w[:-2] + "e" in lexicon):
+            if nounish and _adverb_of_listed_stem(w, lexicon):
                 continue
             kept.append(w)
             if len(kept) == n:
