@@ -15,10 +15,7 @@ machines) can ship the pictures back to the driver, which writes them with
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -39,19 +36,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to a temp file beside ``path`` and move it into place (readers never see half a file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+from insight.atomic import write_atomic  # noqa: E402,F401  (re-exported for callers)
 
 
 def palette(n: int) -> np.ndarray:

@@ -349,15 +349,7 @@ def heads_bytes(heads: DinoiserHeads, metadata: dict[str, Any]) -> bytes:
     return save(heads_state(heads), metadata=meta)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write beside ``path`` under a unique name, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from insight.atomic import write_atomic  # noqa: E402,F401
 
 
 class _RankZeroTracker:
