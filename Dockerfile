@@ -15,7 +15,8 @@ ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     RAY_USAGE_STATS_ENABLED=0 \
-    INSIGHT_PROJECT_ROOT=/home/ray/insight
+    INSIGHT_PROJECT_ROOT=/home/ray/insight \
+    PYTHONPATH=/home/ray/insight
 WORKDIR /home/ray/insight
 
 # 1. Dependencies only (a cached layer that survives code changes): the metadata and pins
@@ -25,8 +26,11 @@ RUN mkdir -p platform/insight && touch platform/insight/__init__.py \
  && pip install -c constraints.txt . "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" \
  && python -c "import ray, sys; assert ray.__version__ == '2.60.0', ray.__version__"
 
-# 2. The project itself: the package, the job entrypoints (jobs/), configs and the serve app.
+# 2. The project itself: the package, the job entrypoints (jobs/), configs and the serve app
+#    (serve.app:build_app, importable from any Ray worker through PYTHONPATH: a RayService's
+#    Serve controller imports it by name).
 COPY --chown=ray:users . .
 RUN pip install --no-deps --force-reinstall . \
  && python -c "import insight.cli, insight.cluster" \
- && test -f jobs/extract.py
+ && test -f jobs/extract.py \
+ && cd / && python -c "import serve.app"

@@ -5,7 +5,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export HF_HUB_OFFLINE := 1
+# Tests never download; `HF_HUB_OFFLINE=0 make demo` lets backbone.kind=auto fetch ViT-B-16.
+HF_HUB_OFFLINE ?= 1
+export HF_HUB_OFFLINE
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0

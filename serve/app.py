@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # each: two fewer cross-thread hops per request. Safe here because nothing in our handlers
 # blocks the loop (decoding and the model run on worker threads).
 LATENCY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+API_KEY_ENV = "INSIGHT_SERVE_API_KEY"  # the API key when serve.api_key is unset
 ARG_KEYS = ("model", "tracking_uri", "config", "set", "serve", "dst")
 
 
@@ -60,7 +61,11 @@ def resolve(args: dict[str, Any] | None) -> tuple[Any, str, str]:
     for key, value in (args.get("serve") or {}).items():
         sets.append(f"serve.{key}={json.dumps(value)}")
     cfg = load_config(args.get("config"), sets)
-    ref = str(args.get("model") or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}")
+    if not cfg.serve.api_key and os.environ.get(API_KEY_ENV):  # a Secret on Kubernetes: never in a config file
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key": os.environ[API_KEY_ENV]})})
+    from insight.tracking import champion_ref
+
+    ref = str(args.get("model") or champion_ref(cfg))
     uri = args.get("tracking_uri") or cfg.tracking.resolved_uri(cfg.workdir)
     return cfg, ref, uri
 

@@ -30,6 +30,7 @@ PROJECT_DIR = "/home/ray/insight"  # where the Dockerfile installs the project
 OUR_IMAGES = ("insight", "insight-gpu", "registry.example.com/insight/insight", "rayproject/ray")
 PLATFORM_OVERLAYS = ("overlays/dev", "overlays/prod")
 STEP_OVERLAYS = ("overlays/dev/steps", "overlays/prod/steps")
+SERVING_OVERLAYS = ("overlays/dev/serving", "overlays/prod/serving")
 # Keys an overlay's insight.yaml may set differently from the profile it copies: cluster storage.
 CLUSTER_KEYS = {"workdir", "data.root", "cache.root"}
 # The production config copies the paper profile (the reference setting of the method) and must
@@ -217,13 +218,16 @@ def test_crds_load_once_with_served_v1():
         validate_object(bad, "probe")
 
 
-@pytest.mark.parametrize("kdir", ["base", "base/steps", *PLATFORM_OVERLAYS, *STEP_OVERLAYS])
+@pytest.mark.parametrize("kdir", ["base", "base/steps", "base/serving", *PLATFORM_OVERLAYS, *STEP_OVERLAYS,
+                                  *SERVING_OVERLAYS])
 def test_kustomizations_render_valid_objects(kdir):
     kinds = Counter(obj["kind"] for obj in render(kdir))
     checks = checked_render(kdir)
     steps = len(yaml.safe_load((K8S / "base/steps/kustomization.yaml").read_text())["resources"])
     if kdir.endswith("steps"):
         assert kinds == {"RayJob": steps} and checks == {"crd"}
+    elif kdir.endswith("serving"):
+        assert kinds == {"RayService": 1} and checks == {"crd"}
     else:
         expected = {"ConfigMap": 1, "PersistentVolumeClaim": 2, "Service": 3, "Deployment": 2, "StatefulSet": 1,
                     "Job": 1, "RayCluster": 1}
@@ -239,9 +243,9 @@ def _gpu_facts(objs: tuple[dict, ...]) -> list[tuple[str, bool, bool, bool]]:
     """(object/group, GPU limit, GPU node selector, GPU toleration) for every Ray worker group."""
     out = []
     for obj in objs:
-        if obj["kind"] not in ("RayCluster", "RayJob"):
+        if obj["kind"] not in ("RayCluster", "RayJob", "RayService"):
             continue
-        spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+        spec = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig") or obj["spec"]
         for group in spec.get("workerGroupSpecs", []):
             pod = group["template"]["spec"]
             limits = pod["containers"][0].get("resources", {}).get("limits", {})
@@ -253,10 +257,10 @@ def _gpu_facts(objs: tuple[dict, ...]) -> list[tuple[str, bool, bool, bool]]:
 
 
 def test_gpus_in_prod_and_none_in_dev():
-    prod = _gpu_facts(render("overlays/prod") + render("overlays/prod/steps"))
-    assert len(prod) == 1 + len(render("overlays/prod/steps"))
+    prod = _gpu_facts(render("overlays/prod") + render("overlays/prod/steps") + render("overlays/prod/serving"))
+    assert len(prod) == 2 + len(render("overlays/prod/steps"))
     assert all(all(flags) for _, *flags in prod), prod
-    dev_objs = render("overlays/dev") + render("overlays/dev/steps")
+    dev_objs = render("overlays/dev") + render("overlays/dev/steps") + render("overlays/dev/serving")
     dev = _gpu_facts(dev_objs)
     assert len(dev) == len(prod) and not any(any(flags) for _, *flags in dev), dev
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(list(dev_objs))
@@ -281,7 +285,7 @@ def _image_problems(images: list[str]) -> list[str]:
 
 def test_images_and_ray_versions_match_constraints():
     raw = [d for p in sorted(K8S.rglob("*.yaml")) for d in load_docs(p) if isinstance(d, dict)]
-    rendered = [o for k in (*PLATFORM_OVERLAYS, *STEP_OVERLAYS) for o in render(k)]
+    rendered = [o for k in (*PLATFORM_OVERLAYS, *STEP_OVERLAYS, *SERVING_OVERLAYS) for o in render(k)]
     images = [c["image"] for c in containers(raw + rendered) if "image" in c]
     assert images and not _image_problems(images), _image_problems(images)
     assert {i for i in images if i.rpartition(":")[0] in OUR_IMAGES[:3]}, "no project image used"
@@ -310,10 +314,39 @@ def test_entrypoints_and_project_dir_exist():
         step = Path(m.group(1)).stem.replace("_", "-")
         assert job["metadata"]["name"] == f"insight-{step}"
         assert job["metadata"]["labels"]["insight/step"] == step == job["spec"]["metadata"]["insight.step"]
-    for svc in [o for k in PLATFORM_OVERLAYS for o in render(k) if o["kind"] == "RayService"]:
-        for app in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]:
-            module = app["import_path"].rsplit(":", 1)[0].replace(".", "/")
-            assert (ROOT / f"{module}.py").is_file(), f"{svc['metadata']['name']}: {app['import_path']} missing"
+    # Every step of the CLI that runs on a cluster has its RayJob.
+    steps = {j["metadata"]["labels"]["insight/step"] for j in render("base/steps")}
+    assert steps == {p.stem.replace("_", "-") for p in (ROOT / "jobs").glob("*.py")} - {"serve"}, steps
+
+
+@pytest.mark.parametrize("kdir", ["base/serving", *SERVING_OVERLAYS])
+def test_rayservice_deploys_the_serve_app_with_valid_args(kdir):
+    """serveConfigV2 parses as a Serve config, imports serve.app:build_app, and its args resolve
+    (serve.app.resolve, the function build_app starts with) against the overlay's own config."""
+    from ray.serve.schema import ServeDeploySchema
+
+    if str(ROOT) not in sys.path:  # serve/ is a top-level folder of the repository, not an installed package
+        sys.path.insert(0, str(ROOT))
+    import serve.app
+
+    env = kdir.split("/")[1] if kdir.startswith("overlays") else "prod"
+    (svc,) = [o for o in render(kdir) if o["kind"] == "RayService"]
+    schema = ServeDeploySchema(**yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    assert schema.http_options.port == 8000
+    for app in schema.applications:
+        assert app.import_path == "serve.app:build_app"
+        module = app.import_path.rsplit(":", 1)[0].replace(".", "/")
+        assert (ROOT / f"{module}.py").is_file()
+        args = dict(app.args)
+        assert args.pop("config") == "/etc/insight/insight.yaml"  # the insight-config mount
+        cfg, ref, _ = serve.app.resolve({**args, "config": str(K8S / f"overlays/{env}/insight.yaml")})
+        assert ref == f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+        group = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        # A model replica fits on one worker of the group that is there to hold it.
+        assert cfg.serve.num_gpus <= float(limits.get("nvidia.com/gpu", 0))
+        assert cfg.serve.num_cpus + cfg.serve.ingress_cpus <= float(limits["cpu"])
+        assert (cfg.serve.num_gpus > 0) == (env == "prod")
 
 
 def _documented_secrets() -> dict[str, set[str]]:
@@ -327,8 +360,8 @@ def _documented_secrets() -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("env", ["dev", "prod"])
 def test_references_resolve(env):
-    platform, steps = render(f"overlays/{env}"), render(f"overlays/{env}/steps")
-    objs = platform + steps
+    platform = render(f"overlays/{env}")
+    objs = platform + render(f"overlays/{env}/steps") + render(f"overlays/{env}/serving")
     assert not any(o["kind"] == "Secret" for o in objs), "credentials only through Secret references"
     configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in platform if o["kind"] == "ConfigMap"}
     claims = {o["metadata"]["name"] for o in platform if o["kind"] == "PersistentVolumeClaim"}
@@ -347,6 +380,7 @@ def test_references_resolve(env):
         if "secretKeyRef" in node:
             ref = node["secretKeyRef"]
             assert ref["key"] in secrets.get(ref["name"], set()), f"secret {ref} not documented in docs/cluster.md"
+            assert ref.get("optional") in (None, False) or ref["name"] == "insight-serve", ref  # only the API key
         if "persistentVolumeClaim" in node:
             assert node["persistentVolumeClaim"]["claimName"] in claims, node
         if "authOptions" in node:

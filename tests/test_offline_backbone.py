@@ -167,3 +167,20 @@ def test_auto_falls_back_to_offline_loudly(offline_dir, tmp_path, monkeypatch, c
     assert resolve_auto(local.backbone)[0] == "openclip"
     missing = load_config(None, ["backbone.kind=auto", f"backbone.pretrained={tmp_path / 'nope.pt'}"])
     assert resolve_auto(missing.backbone) == ("offline", f"checkpoint file {tmp_path / 'nope.pt'} does not exist")
+
+    # Downloads allowed but no network: fall back at once (one TCP try), not after the hub's retries.
+    import socket
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        choice, why = resolve_auto(cfg.backbone)
+    assert choice == "offline" and f"127.0.0.1:{port} unreachable" in why
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        assert resolve_auto(cfg.backbone)[0] == "download"

@@ -463,7 +463,7 @@ def test_fuzz_no_5xx_and_still_healthy(served):
 # ------------------------------------------------------------------ app wiring and the CLI
 
 
-def test_config_yaml_and_build_app_args(tiny_model):
+def test_config_yaml_and_build_app_args(tiny_model, monkeypatch):
     import yaml
     from ray.serve.schema import ServeDeploySchema
     from serve.app import build_app, check_model, resolve
@@ -479,6 +479,12 @@ def test_config_yaml_and_build_app_args(tiny_model):
         build_app({"modle": "x"})
     with pytest.raises(ValueError, match="serve.max_batch_size"):
         resolve({"serve": {"max_batch_size": 0}})
+    # The API key of a RayService comes from a Secret through the environment; a configured key wins.
+    monkeypatch.setenv("INSIGHT_SERVE_API_KEY", "from-secret")
+    assert resolve({})[0].serve.api_key == "from-secret"
+    assert resolve({"serve": {"api_key": "from-config"}})[0].serve.api_key == "from-config"
+    monkeypatch.delenv("INSIGHT_SERVE_API_KEY")
+    assert resolve({})[0].serve.api_key is None
     with pytest.raises(ValueError, match="expected models:/"):
         check_model("no-such-thing", "sqlite:///:memory:")
     check_model("models:/insight@champion", tiny_model.tracking_uri)

@@ -220,6 +220,40 @@ def test_perfect_prediction_through_coco_path(tmp_path, background):
     assert mean_iou(confusion_matrix(first, swapped, k)) < 1.0
 
 
+def test_annotated_label_space_is_what_the_evaluated_images_show(tmp_path):
+    from insight.config import ConfigError, load_config
+    from insight.data.datasets import build_dataset
+    from insight.tasks.evaluate import GroundTruth, resolve_classes
+
+    ann, images = _write_coco(tmp_path)
+    coco = json.loads(ann.read_text())
+    coco["categories"] += [{"id": 2, "name": "okapi"}, {"id": 9, "name": "zebra"}]  # zebra: in no image
+    first = next(a for a in coco["annotations"] if a["image_id"] == 2)
+    coco["annotations"].append({**first, "id": 99, "category_id": 2})
+    ann.write_text(json.dumps(coco))
+    base = ["data.kind=coco", f"data.root={images}", f"data.annotations={ann}", "tasks.classes=annotated"]
+    cfg = load_config(None, base)
+    ds = build_dataset(cfg.data, str(tmp_path))
+    assert ds.class_names == ["cat", "okapi", "dog", "zebra"]
+    assert resolve_classes(cfg.tasks, ds).names == ["background", "cat", "okapi", "dog"]
+    one = [r for r in ds.records if r.coco_id == 1]
+    space = resolve_classes(cfg.tasks, ds, one)
+    assert space.names == ["background", "cat", "dog"] and space.background
+    labels = GroundTruth(ds, space).labels(one[0])
+    assert set(np.unique(labels)) == {0, 1, 2}  # dog painted as 2, unannotated pixels background
+    no_bg = resolve_classes(load_config(None, [*base, "tasks.background=false"]).tasks, ds, one)
+    assert no_bg.names == ["cat", "dog"] and not no_bg.background
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 1]
+    ann.write_text(json.dumps(coco))
+    from insight.data.coco import _coco
+
+    _coco.cache_clear()
+    with pytest.raises(ValueError, match="carry no annotation"):
+        resolve_classes(cfg.tasks, build_dataset(cfg.data, str(tmp_path)), one)
+    with pytest.raises(ConfigError, match="annotated"):
+        load_config(None, ["tasks.classes=annotatd"])
+
+
 def test_png_label_transforms_and_benchmark_configs(tmp_path):
     from insight.data.classes import BENCHMARKS
     from insight.data.datasets import voc_dataset

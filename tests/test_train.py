@@ -73,7 +73,7 @@ def _worker_pids():
 def test_killed_worker_is_survived(tiny_cache, tmp_path):
     from insight.training.sae import train
 
-    cfg = _cfg(tiny_cache, tmp_path, "train.max_steps=150", "train.checkpoint_every=10", "train.log_every=10",
+    cfg = _cfg(tiny_cache, tmp_path, "train.max_steps=80", "train.checkpoint_every=10", "train.log_every=10",
                "train.max_failures=2", "train.batch_size=256")
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(train(cfg)), daemon=True)
@@ -91,8 +91,11 @@ def test_killed_worker_is_survived(tiny_cache, tmp_path):
     assert killed is not None, "training never reached a checkpoint to kill after"
     th.join(timeout=400)
     assert not th.is_alive()
-    assert out["steps"] == 150
-    assert out["resumed_from"] >= 20  # the restarted worker group began at a checkpoint, not at 0
+    assert out["steps"] == 80
+    # The restarted worker group began at a checkpoint, not at 0. The newest file on disk may not be
+    # registered with the controller yet when the kill lands, so it may resume one checkpoint earlier.
+    assert out["resumed_from"] >= 10 and out["resumed_from"] % 10 == 0
+    assert out["resumed_from"] <= killed + 10
     assert Path(out["checkpoint"], "model.safetensors").exists()
 
 
@@ -104,7 +107,7 @@ def test_train_cli_two_workers(tmp_path):
 
     p = subprocess.run([sys.executable, "-m", "insight.cli", "train", "--config", str(TINY), "--set",
                         f"workdir={tmp_path}", "--set", "train.num_workers=2", "--set", "train.cpus_per_worker=0.5",
-                        "--set", "data.max_images=8"],
+                        "--set", "data.max_images=8", "--set", "train.max_steps=12"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])

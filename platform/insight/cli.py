@@ -173,8 +173,8 @@ def concepts(
 
 @app.command()
 def evaluate(
-    model: str = typer.Option(..., "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
-                              "checkpoint folder."),
+    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
+                              "checkpoint folder (default: models:/<tracking.registered_model>@<tracking.alias>)."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset YAML (configs/datasets/*.yaml): its data "
                                 "section replaces the config's, its tasks keys are merged; --set goes last."),
     task: str = typer.Option("auto", "--task", help="auto, segmentation, classification or both."),

@@ -366,7 +366,8 @@ class TasksConfig(Section):
     classes: list[str] | str | None = Field(
         None,
         description="Mask label i is class i: a built-in list (voc21, voc20, context60, context59, coco-object,"
-        " coco-stuff, cityscapes, ade20k), explicit names, or null for the dataset's own class names.",
+        " coco-stuff, cityscapes, ade20k), explicit names, null for the dataset's own class names, or"
+        " annotated: the COCO categories annotated in the evaluated images (background on by default).",
     )
     background: bool | None = Field(
         None,
@@ -400,9 +401,9 @@ class TasksConfig(Section):
         if isinstance(self.classes, str):
             from insight.data.classes import BENCHMARKS
 
-            if self.classes not in BENCHMARKS:
+            if self.classes not in BENCHMARKS and self.classes != "annotated":
                 raise ValueError(f"tasks.classes={self.classes!r} is no built-in list; use one of "
-                                 f"{', '.join(BENCHMARKS)} or give the names as a list")
+                                 f"{', '.join(BENCHMARKS)}, annotated, or give the names as a list")
         elif isinstance(self.classes, list) and len(set(self.classes)) != len(self.classes):
             raise ValueError("tasks.classes has repeated names")
         return self
@@ -414,7 +415,8 @@ class ServeConfig(Section):
     replicas: int = Field(1, ge=1)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_s: float = Field(0.01, ge=0)
-    api_key: str | None = None
+    api_key: str | None = Field(None, description="Key (X-API-Key header) every route but /healthz requires; unset, the serve"
+                                " app reads $INSIGHT_SERVE_API_KEY (a Kubernetes Secret) and else serves openly.")
     max_body_bytes: int = Field(20 * 2**20, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     max_classes: int = Field(100, ge=1)

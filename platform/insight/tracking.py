@@ -118,6 +118,11 @@ def _from_checkpoint(folder: Path, **extra: Any) -> LoadedModel:
     return LoadedModel(sae=ck.model.eval(), config=cfg, checkpoint=folder, **extra)
 
 
+def champion_ref(cfg: Any) -> str:
+    """The model a step uses when none is named: the registry alias the sweep moves to its best trial."""
+    return f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+
+
 def load_model(ref: str, tracking_uri: str | None = None, dst: str | None = None) -> LoadedModel:
     """Load an SAE by ``models:/name@alias`` / ``models:/name/version``, an MLflow run id, or a
     checkpoint folder. Registered models and runs are fetched from the tracking store

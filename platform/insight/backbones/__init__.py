@@ -65,6 +65,21 @@ def openclip_weights_local(model: str, tag: str) -> tuple[bool, str]:
     return False, f"open_clip's config for {model}/{tag} names no weights"
 
 
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Can a TCP connection reach the Hugging Face endpoint? One quick try, so a machine without
+    network falls back at once instead of sitting through the hub client's download retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, f"{host}:{port} reachable"
+    except OSError as exc:
+        return False, f"{host}:{port} unreachable ({exc.strerror or exc})"
+
+
 def resolve_auto(cfg) -> tuple[str, str]:
     """``backbone.kind: auto`` -> ("openclip" | "offline" | "download", why), without building anything."""
     pretrained = cfg.pretrained
@@ -79,7 +94,10 @@ def resolve_auto(cfg) -> tuple[str, str]:
         return "openclip", f"{cfg.model}/{pretrained} weights {where}"
     if hf_offline():
         return "offline", f"{cfg.model}/{pretrained}: {where}, and HF_HUB_OFFLINE is set, so no download is tried"
-    return "download", f"{cfg.model}/{pretrained}: {where}; trying a download"
+    online, how = hub_reachable()
+    if not online:
+        return "offline", f"{cfg.model}/{pretrained}: {where}, and {how}, so no download is tried"
+    return "download", f"{cfg.model}/{pretrained}: {where}; {how}, trying a download"
 
 
 def build_backbone(cfg, device: str | None = None) -> Backbone:

@@ -122,7 +122,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
 
     c = cfg.concepts
     t_start = time.perf_counter()
-    ref = model_ref or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    ref = model_ref or tracking.champion_ref(cfg)
     uri = tracking.setup(cfg)
     client = mlflow.MlflowClient(uri)
     with tempfile.TemporaryDirectory(prefix="insight-concepts-") as tmp, \

@@ -40,6 +40,13 @@ def coco_dataset(annotations: str, root: str) -> ImageDataset:
                         annotations=str(Path(annotations).resolve()))
 
 
+def annotated_categories(annotations: str, image_ids: list[int]) -> list[str]:
+    """Names of the categories annotated in these images, in category-id order (the dataset's order)."""
+    coco = _coco(annotations)
+    used = {ann["category_id"] for ann in coco.loadAnns(coco.getAnnIds(imgIds=list(image_ids), iscrowd=None))}
+    return [c["name"] for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"]) if c["id"] in used]
+
+
 def coco_semantic_mask(annotations: str, image_id: int, class_names: list[str], ignore_index: int) -> np.ndarray:
     """Index map (H, W): category position in ``class_names``; unlabelled pixels ``ignore_index``.
 

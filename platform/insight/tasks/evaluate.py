@@ -133,12 +133,29 @@ def _folder_class(image_id: str) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
-def resolve_classes(tasks, dataset) -> LabelSpace:
-    """The label space from ``tasks.classes``/``tasks.background`` and the dataset's own classes."""
+def resolve_classes(tasks, dataset, records=None) -> LabelSpace:
+    """The label space from ``tasks.classes``/``tasks.background`` and the dataset's own classes.
+
+    ``annotated`` needs ``records`` (the images being evaluated): a small dataset's COCO file often
+    lists every category of its source (the bundled photo lists all 20 VOC ones) while its images
+    show a few, and prompting absent classes only measures how often they are confused.
+    """
     from insight.data.classes import BENCHMARKS
 
     spec = tasks.classes
-    if isinstance(spec, str):
+    if spec == "annotated":
+        from insight.data.coco import annotated_categories
+
+        if dataset.kind != "coco":
+            raise ValueError(f"tasks.classes=annotated reads COCO category annotations; data.kind={dataset.kind} has "
+                             "none: give the classes as a list or a built-in name")
+        ids = [r.coco_id for r in (records if records is not None else dataset.records)]
+        names, bg_default = annotated_categories(dataset.annotations, ids), True
+        if not names:
+            raise ValueError(f"tasks.classes=annotated: the {len(ids)} evaluated images of {dataset.annotations} "
+                             "carry no annotation")
+        spec = None  # the dataset's own names, narrowed; background is added below
+    elif isinstance(spec, str):
         names, bg_default = list(BENCHMARKS[spec][0]), BENCHMARKS[spec][1]
     elif isinstance(spec, list):
         names, bg_default = list(spec), False
@@ -516,14 +533,14 @@ def _r(x: float | None, nd: int = 6) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def evaluate(cfg, model_ref: str, task: str = "auto", probe: bool = False) -> dict[str, Any]:
-    """Evaluate ``model_ref`` on the config's dataset: through concepts, opaque, and their ratio.
-
-    Returns the step result (JSON-able; the CLI prints it as the last line).
+def evaluate(cfg, model_ref: str | None = None, task: str = "auto", probe: bool = False) -> dict[str, Any]:
+    """Evaluate ``model_ref`` (default: the registered champion) on the config's dataset: through
+    concepts, opaque, and their ratio. Returns the step result (the CLI prints it as the last line).
     """
     from insight import tracking
     from insight.tracking import load_model
 
+    model_ref = model_ref or tracking.champion_ref(cfg)
     t0 = time.perf_counter()
     uri = tracking.setup(cfg)
     with tempfile.TemporaryDirectory(prefix="insight-eval-") as tmp:
@@ -541,7 +558,7 @@ def _evaluate(cfg, model, model_ref: str, uri: str, task: str, probe: bool, t0: 
     dataset = build_dataset(cfg.data, cfg.workdir)
     seg, cls = choose_tasks(task, dataset.kind)
     records = select_records(dataset, cfg.tasks.split)
-    space = resolve_classes(cfg.tasks, dataset)
+    space = resolve_classes(cfg.tasks, dataset, records)
     GroundTruth(dataset, space, cfg.tasks.label_transform)  # fails here, before any work, on a bad mapping
     if probe and not cls:
         raise ValueError("--probe needs image-level labels (classification)")
