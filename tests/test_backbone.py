@@ -13,9 +13,8 @@ from insight.backbones.dinoiser import DinoiserHeads, pool_features
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from insight.config import load_config
-
     from conftest import TINY
+    from insight.config import load_config
 
     return load_config(TINY)
 

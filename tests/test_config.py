@@ -1,8 +1,7 @@
 import pytest
 
-from insight.config import ConfigError, InsightConfig, config_with, load_config
-
 from conftest import ROOT
+from insight.config import ConfigError, InsightConfig, config_with, load_config
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "quickstart.yaml", "vit-b16-paper.yaml"])

@@ -36,11 +36,11 @@ def test_report_is_self_contained(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
-def test_report_opens_in_headless_chromium(tmp_path):
+def open_in_chromium(path: Path, shot: Path) -> tuple[dict, list[str]]:
+    """Open an HTML file in headless Chromium, screenshot it; (page facts, console and page errors)."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "chromium is missing: `make test` installs it (apt-get install chromium)"
-    path = _report(tmp_path)
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -51,13 +51,22 @@ def test_report_opens_in_headless_chromium(tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(path.as_uri())
-            assert page.title() == "Test report"
-            assert page.locator("figure img").count() == 1
-            width = page.evaluate("document.querySelector('figure img').naturalWidth")
-            assert width == 90  # the inline PNG decoded
-            shot = tmp_path / "report.png"
+            facts = {
+                "title": page.title(),
+                "images": page.locator("figure img").count(),
+                # every inline picture decoded to a real bitmap
+                "widths": page.evaluate("[...document.querySelectorAll('figure img')].map(i => i.naturalWidth)"),
+                "text": page.inner_text("body"),
+            }
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
+    return facts, errors
+
+
+def test_report_opens_in_headless_chromium(tmp_path):
+    facts, errors = open_in_chromium(_report(tmp_path), tmp_path / "report.png")
+    assert facts["title"] == "Test report" and facts["images"] == 1
+    assert facts["widths"] == [90]  # the inline PNG decoded
     assert not errors, errors
-    assert shot.stat().st_size > 5000
+    assert (tmp_path / "report.png").stat().st_size > 5000

@@ -71,7 +71,7 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
     uri = tracking.setup(cfg)
 
     _say(1, "extracting dense patch features (multi-view augmentation) ...", t0)
-    with tracking.step_run(cfg, "extract") as run:
+    with tracking.step_run(cfg, "extract"):
         ex = extract(cfg, progress=True)
         mlflow.set_tag("insight.cache_key", ex["key"])
         tracking.log_result(ex)

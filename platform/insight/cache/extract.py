@@ -85,7 +85,7 @@ class ShardWorker:
         from insight.data.datasets import load_image
 
         out: dict[str, list] = {"shard": [], "meta": []}
-        for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
+        for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
             t0 = time.perf_counter()
             ids, idx, tensors, skipped = [], [], [], {}
             decoded: dict[str, Any] = {}

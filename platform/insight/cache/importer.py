@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from insight.backbones.openclip import file_sha256
 from insight.cache.format import (
     CacheError,
     Manifest,
@@ -25,7 +26,6 @@ from insight.cache.format import (
     resolve_fs,
     sha256,
 )
-from insight.backbones.openclip import file_sha256
 
 
 def _read_lines(path: str) -> list[str]:
