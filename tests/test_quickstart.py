@@ -13,7 +13,7 @@ from test_report import open_in_chromium
 
 def test_quickstart_runs_every_step_and_writes_a_report(tmp_path):
     port = free_port()
-    sets = [f"workdir={tmp_path}", "sweep.space={sae.k: [8]}", "sweep.num_samples=1", "train.epochs=2",
+    sets = [f"workdir={tmp_path}", "sweep.space={sae.k: [8]}", "sweep.num_samples=1", "train.max_steps=10",
             "tasks.classes=annotated", "concepts.vocab_size=300", f"serve.port={port}", "cluster.num_cpus=2"]
     cmd = [sys.executable, "-m", "insight.cli", "quickstart", "--config", str(TINY)]
     for s in sets:

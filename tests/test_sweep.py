@@ -83,7 +83,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_cache, tmp_
 
     sets = [f"workdir={tmp_path}", f"train.cache={tiny_cache[1]['cache']}", "sweep.search=grid",
             "sweep.num_samples=1", "sweep.max_concurrent=1", "sweep.asha=false",
-            "sweep.space={sae.k: [4, 6, 8, 10]}", "train.max_steps=12", "cluster.num_cpus=2"]
+            "sweep.space={sae.k: [4, 6, 8]}", "train.max_steps=12", "cluster.num_cpus=2"]
     args = [sys.executable, "-m", "insight.cli", "sweep", "--config", str(TINY)] + [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -95,7 +95,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_cache, tmp_
             if parent_file.exists():
                 done = [r for r in _children(client, json.loads(parent_file.read_text())["run_id"])
                         if r.info.status == "FINISHED"]
-                if len(done) >= 2:
+                if done:
                     finished_before = {r.data.tags["insight.trial_id"]: r.info.end_time for r in done}
                     break
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
@@ -103,16 +103,16 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_cache, tmp_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert len(finished_before) >= 2, "no trial finished in time"
+    assert finished_before, "no trial finished in time"
 
     p = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["trials"] == 4 and out["completed_trials"] == 4
+    assert out["trials"] == 3 and out["completed_trials"] == 3
     children = _children(client, out["parent_run_id"])
     by_trial: dict[str, list] = {}
     for r in children:
         by_trial.setdefault(r.data.tags["insight.trial_id"], []).append(r)
-    assert len(by_trial) == 4 and all(len(v) == 1 for v in by_trial.values())  # one child run per trial
+    assert len(by_trial) == 3 and all(len(v) == 1 for v in by_trial.values())  # one child run per trial
     for trial, end in finished_before.items():
         assert by_trial[trial][0].info.end_time == end  # finished trials were not run again

@@ -18,14 +18,14 @@ def _cfg(tiny_cache, tmp_path, *sets):
     return load_config(TINY, [f"workdir={tmp_path}", f"train.cache={result['cache']}", *sets])
 
 
-def test_two_workers_match_one_worker(tiny_cache, tmp_path):
+def test_two_workers_match_one_worker_and_resume(tiny_cache, tmp_path):
     from insight.training.sae import train
 
     one = train(_cfg(tiny_cache, tmp_path / "one", "train.max_steps=30", "train.num_workers=1",
-                     "train.cpus_per_worker=0.5"))
+                     "train.cpus_per_worker=0.5", "train.checkpoint_every=15"))
     two = train(_cfg(tiny_cache, tmp_path / "two", "train.max_steps=30", "train.num_workers=2",
                      "train.cpus_per_worker=0.5"))
-    assert one["steps"] == two["steps"] == 30
+    assert one["steps"] == two["steps"] == 30 and one["resumed_from"] == -1
     assert one["val_fvu"] < 0.9 and two["val_fvu"] < 0.9  # both learned something
     assert abs(one["fvu"] - two["fvu"]) < 0.08 and abs(one["val_fvu"] - two["val_fvu"]) < 0.08
     assert abs(one["l0"] - two["l0"]) < 1.0  # BatchTopK: k per token on average in both
@@ -46,16 +46,13 @@ def test_two_workers_match_one_worker(tiny_cache, tmp_path):
     assert ck.step == 30 and ck.optimizer_state is not None
     assert ck.config["sae"]["k"] == 8
 
-
-def test_resume_continues_step_count(tiny_cache, tmp_path):
-    from insight.training.sae import train
-
-    first = train(_cfg(tiny_cache, tmp_path, "train.max_steps=10", "train.checkpoint_every=5"))
-    assert first["steps"] == 10 and first["resumed_from"] == -1
-    more = train(_cfg(tiny_cache, tmp_path, "train.max_steps=16", "train.checkpoint_every=5"), resume=True)
-    assert more["resumed_from"] == 10 and more["steps"] == 16
+    # --resume continues the step count from the last checkpoint (the one-worker run's step 30).
+    more = train(_cfg(tiny_cache, tmp_path / "one", "train.max_steps=36", "train.num_workers=1",
+                      "train.cpus_per_worker=0.5", "train.checkpoint_every=15"), resume=True)
+    assert more["resumed_from"] == 30 and more["steps"] == 36
     with pytest.raises(ValueError, match="no checkpoint"):
         train(_cfg(tiny_cache, tmp_path / "other", "train.max_steps=4"), resume=True)
+
 
 
 def _worker_pids():

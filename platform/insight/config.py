@@ -206,6 +206,11 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1)
     max_failures: int = Field(0, ge=0)
     shuffle_buffer: int = Field(65536, ge=0, description="Local shuffle buffer in tokens.")
+    materialize_bytes: int = Field(
+        2**30, ge=0, description="`insight train`: a cache of at most this many float32 bytes is read once into"
+        " Ray's object store and reused every epoch (a small cache otherwise pays a read pipeline start per"
+        " epoch); larger caches stream from storage each epoch. 0: always stream. Runs with max_failures > 0"
+        " always stream (restarts from the last checkpoint are only verified that way).")
     seed: int = 0
     cache: str | None = Field(
         None, description="Cache folder/URI to train on; default: the cache this config extracts."

@@ -100,7 +100,7 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
 
         ds = build_dataset(cfg.data, cfg.workdir)
         image = next((Path(r.path) for r in ds.records if r.image_id == "chelsea"), Path(ds.records[0].path))
-        served = _explain_once(cfg, model_ref, uri, image, config_path, list(sets or []))
+        served = _explain_once(cfg, model_ref, uri, image, config_path, list(sets or [])) | {"image": str(image)}
         names = [c.get("name") for c in served["response"].get("concepts", [])]
         _say(5, f"{served['url']}/v1/explain on {image.name}: top concepts {names}", t0)
 
@@ -150,27 +150,68 @@ def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figur
         f"mIoU through concepts {ev.get('miou_concepts')}, opaque backbone {ev.get('miou_opaque')}, "
         f"ratio {ev.get('miou_ratio')} on {ev.get('images')} images of {ev.get('dataset')}.",
         figures=[Figure(p, p.stem.replace("_", " ")) for p in pics],
-        table=[{k: v for k, v in ev.items() if isinstance(v, (int, float, str)) and k not in ("out_dir",)}]))
+        table=[{"result": k, "value": v} for k, v in ev.items()
+               if isinstance(v, (int, float, str)) and k not in ("out_dir",)]))
     if served:
         resp = served["response"]
-        figs = []
-        out = work / "report_assets"
-        out.mkdir(parents=True, exist_ok=True)
-        for c in resp.get("concepts", [])[:4]:
-            png = c.get("heatmap_png") or c.get("heatmap")
-            if isinstance(png, str):
-                p = out / f"explain_{c.get('id')}.png"
-                p.write_bytes(base64.b64decode(png))
-                figs.append(Figure(p, f"{c.get('name')} (score {c.get('score', 0):.3f})"))
+        picture = _explain_picture(served, work / "report_assets" / "served_explanation.png")
         sections.append(Section(
-            "Served explanation", f"POST {served['url']}/v1/explain with one bundled image returned these "
-            "top concepts (heatmaps below).", figures=figs,
+            "Served explanation", f"POST {served['url']}/v1/explain with {Path(served['image']).name} returned these "
+            "top concepts; each heatmap (one value per patch) is laid over the part of the photo the model saw.",
+            figures=[Figure(picture, "top concepts of the served answer")] if picture else [],
             table=[{k: v for k, v in c.items() if k not in ("heatmap_png", "heatmap", "heatmap_raw")}
                    for c in resp.get("concepts", [])]))
-    meta = {"backbone": cfg.backbone.kind, "cache": ex["key"], "tokens": ex["tokens"], "model": sw["model"]}
+    meta = {"backbone": _backbone_that_ran(cfg), "cache": ex["key"], "tokens": ex["tokens"], "model": sw["model"]}
     return write_report(work / "report.html", "Insight quickstart report",
                         "Every step of the platform on real bundled images: features, sweep, concepts, evaluation "
                         "and serving.", sections, meta)
+
+
+def _backbone_that_ran(cfg) -> str:
+    """The backbone kind the run used (``auto`` resolves to openclip or offline)."""
+    if cfg.backbone.kind != "auto":
+        return cfg.backbone.kind
+    from insight.backbones import resolve_auto
+
+    choice, _ = resolve_auto(cfg.backbone)
+    return f"auto -> {'openclip' if choice == 'download' else choice}"
+
+
+def _explain_picture(served: dict[str, Any], path: Path, side: int = 224) -> Path | None:
+    """The photo's served view and, beside it, each top concept's heatmap over that view (one PNG)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from insight.atomic import write_atomic
+
+    resp = served["response"]
+    concepts = [c for c in resp.get("concepts", []) if isinstance(c.get("heatmap_png"), str)][:5]
+    box = resp.get("view")
+    if not concepts or not box:
+        return None
+    with Image.open(served["image"]) as im:
+        x, y, w, h = (box[k] for k in ("x", "y", "width", "height"))
+        view = im.convert("RGBA").crop((round(x), round(y), round(x + w), round(y + h))).resize((side, side))
+    fig, axes = plt.subplots(1, len(concepts) + 1, figsize=(2.2 * (len(concepts) + 1), 2.6), dpi=110)
+    axes[0].imshow(view)
+    axes[0].set_title("served view", fontsize=9)
+    for ax, c in zip(axes[1:], concepts, strict=True):
+        with Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"]))) as hm:
+            heat = hm.convert("RGBA").resize((side, side), Image.Resampling.BILINEAR)
+        ax.imshow(Image.alpha_composite(view, heat))
+        ax.set_title(f"{c.get('name')} #{c.get('id')}\nscore {c.get('score', 0):.3f}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
 
 
 def _annotated_split(cfg) -> Path:

@@ -272,6 +272,18 @@ def resolve_cache(cfg) -> str:
     return extract(cfg, progress=False)["cache"]
 
 
+def _train_dataset(reader, cfg):
+    """The train split as a Ray Dataset: held in the object store when small, streamed when not."""
+    ds = reader.to_ray_dataset("train", cfg.cache.val_fraction)
+    nbytes = reader.manifest.num_tokens * reader.manifest.dim * 4
+    # With a materialized dataset, a worker group restarted after a failure began at step 0 instead of
+    # the last checkpoint (tests/test_train.py::test_killed_worker_is_survived): keep streaming then.
+    if nbytes <= cfg.train.materialize_bytes and cfg.train.max_failures == 0:
+        log.info("train: the cache's %.1f MB fit train.materialize_bytes: read once, reused every epoch", nbytes / 1e6)
+        ds = ds.materialize()
+    return ds
+
+
 def plan_steps(cfg, reader) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
@@ -341,7 +353,7 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
             run_config=RunConfig(name=name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
-            datasets={"train": reader.to_ray_dataset("train", cfg.cache.val_fraction)},
+            datasets={"train": _train_dataset(reader, cfg)},
         )
         result = trainer.fit()
         if result.error is not None:
