@@ -61,6 +61,9 @@ def test_upload_overlays_concept_detail_and_segments(page, tmp_path):
     image.write_bytes(sample_png("astronaut", 200))
     page.set_input_files("#file", str(image))
     page.wait_for_selector(".concept-card")
+    # cards are added one by one: wait for all of them, then compare with the answer
+    page.wait_for_function("() => state.explain && document.querySelectorAll('.concept-card').length"
+                           " === state.explain.concepts.length")
     cards = page.locator(".concept-card")
     n = cards.count()
     assert 1 <= n <= 8
