@@ -90,3 +90,17 @@ def test_missing_and_broken_files(tmp_path):
     p.write_text("sae: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
+    """Tune runs each trial in its own folder: a relative workdir must not follow it there."""
+    import os
+
+    from insight.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["workdir=outputs/run"])
+    assert cfg.workdir == str(tmp_path / "outputs" / "run") and os.path.isabs(cfg.path(cfg.cache.root))
+    monkeypatch.chdir("/")
+    assert load_config(None, [f"workdir={cfg.workdir}"]).workdir == cfg.workdir  # stable once absolute
+    assert load_config(None, ["workdir=~/x"]).workdir == os.path.expanduser("~/x")

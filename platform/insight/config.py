@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Reference group fractions of METHOD.md section 2 (paper profile, depth 6).
 REFERENCE_FRACTIONS = (0.008, 0.03, 0.06, 0.12, 0.24, 0.542)
@@ -472,7 +472,8 @@ class ClusterConfig(Section):
 
 class InsightConfig(Section):
     name: str = "insight"
-    workdir: str = Field("outputs", description="Where caches, checkpoints and the MLflow db go.")
+    workdir: str = Field("outputs", description="Where caches, checkpoints and the MLflow db go (relative: to the"
+                         " folder the step starts in; made absolute at load).")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
@@ -486,6 +487,13 @@ class InsightConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, value: str) -> str:
+        """Ray workers do not share the driver's working directory (Tune runs each trial in its own
+        folder), so a relative workdir would put caches, checkpoints and the MLflow db elsewhere."""
+        return os.path.abspath(os.path.expanduser(value))
 
     def path(self, template: str) -> str:
         """Expand ``{workdir}`` in a configured path."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -265,8 +266,8 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 
 def resolve_cache(cfg) -> str:
     """The cache this config trains on: ``train.cache`` or the (idempotent) extraction."""
-    if cfg.train.cache:
-        return cfg.train.cache
+    if cfg.train.cache:  # absolute: Tune trials run in their own folders
+        return cfg.train.cache if "://" in cfg.train.cache else os.path.abspath(cfg.train.cache)
     from insight.cache.extract import extract
 
     return extract(cfg, progress=False)["cache"]
