@@ -159,7 +159,8 @@ def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figur
             "Served explanation", f"POST {served['url']}/v1/explain with {Path(served['image']).name} returned these "
             "top concepts; each heatmap (one value per patch) is laid over the part of the photo the model saw.",
             figures=[Figure(picture, "top concepts of the served answer")] if picture else [],
-            table=[{k: v for k, v in c.items() if k not in ("heatmap_png", "heatmap", "heatmap_raw")}
+            table=[{k: (" › ".join(str(n.get("name")) for n in v) if k == "path" and isinstance(v, list) else v)
+                    for k, v in c.items() if k not in ("heatmap_png", "heatmap", "heatmap_raw")}
                    for c in resp.get("concepts", [])]))
     meta = {"backbone": _backbone_that_ran(cfg), "cache": ex["key"], "tokens": ex["tokens"], "model": sw["model"]}
     return write_report(work / "report.html", "Insight quickstart report",
