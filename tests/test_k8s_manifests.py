@@ -308,9 +308,12 @@ def test_entrypoints_and_project_dir_exist():
     assert jobs
     for job in jobs:
         entry = job["spec"]["entrypoint"]
-        m = re.fullmatch(rf"python {PROJECT_DIR}/(jobs/\w+\.py) --config /etc/insight/insight\.yaml", entry)
+        m = re.fullmatch(rf"python {PROJECT_DIR}/(jobs/\w+\.py) --config /etc/insight/insight\.yaml(?: (.*))?", entry)
         assert m, f"{job['metadata']['name']}: unexpected entrypoint {entry!r}"
         assert (ROOT / m.group(1)).is_file(), f"{job['metadata']['name']}: {m.group(1)} does not exist"
+        for arg in (m.group(2) or "").split():  # project files the step reads exist in the image
+            if arg.startswith(f"{PROJECT_DIR}/"):
+                assert (ROOT / arg[len(PROJECT_DIR) + 1:]).is_file(), f"{job['metadata']['name']}: {arg} missing"
         step = Path(m.group(1)).stem.replace("_", "-")
         assert job["metadata"]["name"] == f"insight-{step}"
         assert job["metadata"]["labels"]["insight/step"] == step == job["spec"]["metadata"]["insight.step"]
@@ -427,3 +430,19 @@ def test_every_yaml_file_under_k8s_is_checked():
     checked = {p.relative_to(K8S).as_posix(): check_file(p) for p in files}
     assert all(checked.values()), checked
     assert set(checked.values()) == {"rendered", "object", "patch-rendered", "insight-config"}, checked
+
+
+@pytest.mark.parametrize("env", ["dev", "prod"])
+def test_evaluate_job_arguments_make_a_valid_config(env):
+    """The evaluate RayJob's --dataset/--set, applied to the overlay's config, validate (as on the cluster)."""
+    import shlex
+
+    from insight.tasks.evaluate import load_eval_config
+
+    (job,) = [o for o in render(f"overlays/{env}/steps") if o["metadata"]["name"] == "insight-evaluate"]
+    args = shlex.split(job["spec"]["entrypoint"])[2:]
+    dataset = args[args.index("--dataset") + 1]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_eval_config(str(K8S / f"overlays/{env}/insight.yaml"), str(ROOT / dataset[len(PROJECT_DIR) + 1:]), sets)
+    assert cfg.data.kind == "voc" and cfg.data.root.startswith("/mnt/insight/")  # the shared volume
+    assert cfg.tasks.classes == "voc21" and cfg.tasks.background
