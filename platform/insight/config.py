@@ -585,24 +585,24 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = parse_value(raw)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> InsightConfig:
-    """Read YAML (optional), apply ``--set`` overrides, validate. Raises ConfigError."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top, not {type(loaded).__name__}")
-        data = loaded
-        source = str(p)
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
+    """A YAML file holding a mapping (an empty file is an empty one). Raises ConfigError naming ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} file {p} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} file {p} must hold a mapping at the top, not {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None, source: str) -> InsightConfig:
+    """Apply ``--set`` overrides to raw config data and validate; errors name ``source`` and the overrides."""
     for ov in overrides or []:
         apply_override(data, ov)
     if overrides:
@@ -611,6 +611,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         return InsightConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> InsightConfig:
+    """Read YAML (optional), apply ``--set`` overrides, validate. Raises ConfigError."""
+    if path is None:
+        return build_config({}, overrides, "defaults")
+    return build_config(read_yaml_mapping(path), overrides, str(Path(path)))
 
 
 def config_with(cfg: InsightConfig, overrides: dict[str, Any]) -> InsightConfig:

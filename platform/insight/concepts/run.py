@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from insight.atomic import swap_in_folder
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,6 @@ def resolve_model_cache(model: Any, cache: str | None, client: Any | None) -> st
 def _groups_of(sae: Any) -> np.ndarray:
     ends = np.asarray(sae.prefix_ends)
     return np.searchsorted(ends, np.arange(sae.n_concepts), side="right")
-
-
-def _swap_in(stage: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``stage`` folder (readers never see a half-written one)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_table(stats: Any, hier: Any, vocab: Any, names: dict[str, Any], groups: np.ndarray, naming: str,
@@ -201,7 +191,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             gal = draw_galleries(table, stats.top_map, reader, model.config, stage / "galleries",
                                  per_group=c.gallery_per_group, images=min(c.gallery_images, c.top_n),
                                  per_row=c.contact_per_row)
-            _swap_in(stage, out)
+            swap_in_folder(stage, out)
             timings["galleries"] = time.perf_counter() - t1
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)

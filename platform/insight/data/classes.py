@@ -1,4 +1,21 @@
-"""Class lists of standard segmentation benchmarks."""
+"""Class lists of standard segmentation benchmarks, and the label-offset convention for them."""
+
+
+class BackgroundOffset:
+    """For label sets with ``names`` and ``background``: with background, label 0 is background
+    (it gets no prompt), so prompted class j is label j + offset."""
+
+    names: list[str]
+    background: bool
+
+    @property
+    def offset(self) -> int:
+        return 1 if self.background else 0
+
+    @property
+    def fg_names(self) -> list[str]:
+        return self.names[self.offset :]
+
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from insight.atomic import swap_in_folder
 from insight.sae.model import MatryoshkaSAE
 from insight.sae.objectives import dead_mask, matryoshka_loss, update_dead_counter
 
@@ -233,13 +234,7 @@ def save_sae(
             json.dump(meta, fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from insight.data.classes import BackgroundOffset
 from insight.tasks.metrics import (
     IGNORE_INDEX,
     confusion_matrix,
@@ -69,26 +69,12 @@ def load_eval_config(config: str | None, dataset: str | None, sets: list[str] | 
     A dataset YAML is either a partial config (its ``data`` section replaces
     the config's, its ``tasks`` keys are merged) or a bare data section.
     """
-    from pydantic import ValidationError
+    from insight.config import ConfigError, build_config, read_yaml_mapping
 
-    from insight.config import ConfigError, InsightConfig, _format_errors, apply_override
-
-    def read(path: str, what: str) -> dict[str, Any]:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{what} file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{what} file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{what} file {p} must hold a mapping at the top, not {type(loaded).__name__}")
-        return loaded
-
-    data: dict[str, Any] = read(config, "config") if config else {}
+    data: dict[str, Any] = read_yaml_mapping(config, "config") if config else {}
     source = config or "defaults"
     if dataset:
-        ds = read(dataset, "dataset")
+        ds = read_yaml_mapping(dataset, "dataset")
         if "data" not in ds and "tasks" not in ds:
             ds = {"data": ds}
         extra = sorted(set(ds) - {"data", "tasks"})
@@ -99,33 +85,18 @@ def load_eval_config(config: str | None, dataset: str | None, sets: list[str] | 
         if "tasks" in ds:
             data["tasks"] = {**(data.get("tasks") or {}), **(ds["tasks"] or {})}
         source += f" + --dataset {dataset}"
-    for ov in sets or []:
-        apply_override(data, ov)
-    if sets:
-        source += " + --set " + " ".join(sets)
-    try:
-        return InsightConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+    return build_config(data, sets, source)
 
 
 # ------------------------------------------------------------------ label space and ground truth
 
 
 @dataclass(frozen=True)
-class LabelSpace:
+class LabelSpace(BackgroundOffset):
     """Label i = names[i]; with background, label 0 is background (no prompt)."""
 
     names: list[str]
     background: bool
-
-    @property
-    def offset(self) -> int:
-        return 1 if self.background else 0
-
-    @property
-    def fg_names(self) -> list[str]:
-        return self.names[self.offset :]
 
 
 def _folder_class(image_id: str) -> str | None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from insight.data.classes import BackgroundOffset
 from insight.tasks.explain import Decomposition, PatchCodes, decompose, encode_sparse
 from insight.tasks.windows import SlidePlan, assemble, plan_windows, window_pixels
 
@@ -35,7 +36,7 @@ VIAS: tuple[Via, ...] = ("concepts", "opaque")
 
 
 @dataclass
-class ClassBank:
+class ClassBank(BackgroundOffset):
     """The label set of a task: names (label i = names[i]) and the text vectors of the prompted ones.
 
     With ``background``, label 0 is background and gets no prompt; the text
@@ -45,14 +46,6 @@ class ClassBank:
     names: list[str]
     background: bool
     text_fd: Tensor  # (F, D) unit vectors of the foreground classes
-
-    @property
-    def offset(self) -> int:
-        return 1 if self.background else 0
-
-    @property
-    def fg_names(self) -> list[str]:
-        return self.names[self.offset :]
 
     @classmethod
     def build(cls, backbone, names: Sequence[str], templates: Sequence[str], background: bool = False) -> ClassBank:
