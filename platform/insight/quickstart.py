@@ -162,20 +162,18 @@ def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figur
             table=[{k: (" › ".join(str(n.get("name")) for n in v) if k == "path" and isinstance(v, list) else v)
                     for k, v in c.items() if k not in ("heatmap_png", "heatmap", "heatmap_raw")}
                    for c in resp.get("concepts", [])]))
-    meta = {"backbone": _backbone_that_ran(cfg), "cache": ex["key"], "tokens": ex["tokens"], "model": sw["model"]}
+    meta = {"backbone": _backbone_that_ran(cfg, ex["cache"]), "cache": ex["key"], "tokens": ex["tokens"], "model": sw["model"]}
     return write_report(work / "report.html", "Insight quickstart report",
                         "Every step of the platform on real bundled images: features, sweep, concepts, evaluation "
                         "and serving.", sections, meta)
 
 
-def _backbone_that_ran(cfg) -> str:
-    """The backbone kind the run used (``auto`` resolves to openclip or offline)."""
-    if cfg.backbone.kind != "auto":
-        return cfg.backbone.kind
-    from insight.backbones import resolve_auto
+def _backbone_that_ran(cfg, cache: str) -> str:
+    """The backbone kind the features came from, as the cache recorded it (``auto`` is resolved)."""
+    from insight.cache import CacheReader
 
-    choice, _ = resolve_auto(cfg.backbone)
-    return f"auto -> {'openclip' if choice == 'download' else choice}"
+    ran = CacheReader(cache).manifest.identity.get("backbone", {}).get("kind", "?")
+    return ran if cfg.backbone.kind == ran else f"{cfg.backbone.kind} -> {ran}"
 
 
 def _explain_picture(served: dict[str, Any], path: Path, side: int = 224) -> Path | None:
