@@ -90,7 +90,7 @@ def main() -> None:
 
     plain = plain_loop(cfg, paths, args.views, args.batch, args.threads)
 
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     res = extract(cfg, progress=False)
     wall = time.perf_counter() - t0

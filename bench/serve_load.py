@@ -195,7 +195,7 @@ def main() -> None:
     model = args.model or str(train_tiny_model(work, overrides=PROFILES[args.profile]))
     torch.set_num_threads(1)
     payloads = images(args.size)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -132,8 +132,12 @@ def ensure_ray(cfg) -> None:
     in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     if not in_ray_job and cfg.cluster.address:
         kwargs["address"] = cfg.cluster.address
-    elif not in_ray_job and cfg.cluster.num_cpus:
-        kwargs["num_cpus"] = cfg.cluster.num_cpus
+    elif not in_ray_job and not os.environ.get("RAY_ADDRESS"):
+        # No address configured means a private local instance: plain ray.init() would attach to
+        # whatever cluster `ray start` last left running on this machine.
+        kwargs["address"] = "local"
+        if cfg.cluster.num_cpus:
+            kwargs["num_cpus"] = cfg.cluster.num_cpus
     ray.init(**kwargs)
     try:
         import ray.data
