@@ -4,10 +4,42 @@ from conftest import ROOT
 from insight.config import ConfigError, InsightConfig, config_with, load_config
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "quickstart.yaml", "vit-b16-paper.yaml"])
-def test_shipped_configs_validate(name):
-    cfg = load_config(ROOT / "configs" / name)
+# Every step config the project ships: the profiles and each Kubernetes overlay's insight.yaml.
+SHIPPED = sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "configs").glob("*.yaml"),
+                                                     *(ROOT / "k8s" / "overlays").glob("*/insight.yaml")])
+
+
+def test_every_shipped_config_is_listed():
+    assert {"configs/tiny.yaml", "configs/quickstart.yaml", "configs/vit-b16-paper.yaml",
+            "k8s/overlays/dev/insight.yaml", "k8s/overlays/prod/insight.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_validate_and_can_sweep(name):
+    """Full validation, and every choice of the sweep space gives a valid config (a profile whose
+    sweep `insight sweep` rejects cannot register a champion, so nothing after it can run)."""
+    from insight.sweeps.tune import validate_space
+
+    cfg = load_config(ROOT / name)
     assert isinstance(cfg, InsightConfig)
+    validate_space(cfg)
+
+
+@pytest.mark.parametrize("dataset", sorted(p.name for p in (ROOT / "configs" / "datasets").glob("*.yaml")))
+def test_dataset_configs_validate_on_every_profile(dataset):
+    from insight.tasks.evaluate import load_eval_config
+
+    for name in SHIPPED:
+        cfg = load_eval_config(str(ROOT / name), str(ROOT / "configs" / "datasets" / dataset), [])
+        assert cfg.data.root and cfg.tasks.classes
+
+
+def test_validate_space_names_the_bad_choice():
+    from insight.sweeps.tune import validate_space
+
+    cfg = load_config(None, ["sae.group_fractions=[0.5,0.5]"])  # the default space varies sae.depth over [1, 3, 6]
+    with pytest.raises(ConfigError, match=r"sweep.space.sae.depth choice 1"):
+        validate_space(cfg)
 
 
 def test_paper_profile_matches_method():

@@ -194,8 +194,9 @@ def check_file(path: Path) -> str:
     assert role is not None, f"k8s/{rel} is referenced by no kustomization.yaml"
     if role == "config":
         from insight.config import load_config
+        from insight.sweeps.tune import validate_space
 
-        load_config(path)
+        validate_space(load_config(path))  # full validation, and the sweep RayJob's space is valid too
         return "insight-config"
     if role == "patch":
         checked_render(kdir.relative_to(K8S).as_posix())  # the patch applied, and the result validates
