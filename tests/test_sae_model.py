@@ -207,18 +207,26 @@ def test_sparse_decode_gradcheck() -> None:
 # ------------------------------------------------------------------ loss
 
 
-def _dense_reference_loss(sae: MatryoshkaSAE, x: torch.Tensor, dead: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Textbook dense Matryoshka BatchTopK + AuxK loss (prefixes decoded from scratch)."""
+def _dense_reference_loss(
+    sae: MatryoshkaSAE, x: torch.Tensor, dead: torch.Tensor, alpha: float, weights: list[float] | None = None
+) -> torch.Tensor:
+    """Hand computation of the reference trainer's loss, dense (prefixes decoded from scratch).
+
+    dictionary_learning's MatryoshkaBatchTopKTrainer: l2_g = w_g * mean_b ||x - x^_g||^2 with
+    w_g = 1/G by default, loss = mean_g l2_g + alpha * AuxK (AuxK normalised by the residual's variance).
+    """
     b, m = x.shape[0], sae.n_concepts
+    g_count = len(sae.prefix_ends)
+    weights = weights if weights is not None else [1.0 / g_count] * g_count
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     keep = torch.topk(pre.detach().relu().flatten(), sae.k * b).indices
     mask = torch.zeros(b * m, dtype=torch.bool)
     mask[keep] = True
     z = pre.relu() * mask.view(b, m)
     losses = []
-    for end in sae.prefix_ends:
+    for w, end in zip(weights, sae.prefix_ends, strict=True):
         rec = z[:, :end] @ sae.W_dec[:end] + sae.b_dec
-        losses.append(((x - rec) ** 2).sum(1).mean())
+        losses.append(((x - rec) ** 2).sum(1).mean() * w)
     loss = torch.stack(losses).mean()
     resid = (x - rec).detach()
     aux_pre = torch.where(dead[None], pre.relu(), torch.tensor(-torch.inf, dtype=pre.dtype))
@@ -228,18 +236,26 @@ def _dense_reference_loss(sae: MatryoshkaSAE, x: torch.Tensor, dead: torch.Tenso
     return loss + alpha * l2 / ((resid - resid.mean(0)) ** 2).sum(1).mean()
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_loss_and_gradients_match_dense_reference(mode: str) -> None:
+@pytest.mark.parametrize(
+    "mode,weighting,hand_weights",
+    [
+        ("sparse", "reference", None),  # the default: w_g = 1/G, then the mean over groups
+        ("dense", "reference", None),
+        ("sparse", "equal", [1.0, 1.0, 1.0]),
+        ("sparse", [0.5, 2.0, 1.0], [0.5, 2.0, 1.0]),
+    ],
+)
+def test_loss_and_gradients_match_reference_formula(mode: str, weighting, hand_weights) -> None:
     sae = perturbed_sae()
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
     codes = sae.encode_batchtopk(x)
-    res = matryoshka_loss(sae, x, codes, dead, aux_alpha=0.5, decode_mode=mode)
+    res = matryoshka_loss(sae, x, codes, dead, group_weights=weighting, aux_alpha=0.5, decode_mode=mode)
     res.loss.backward()
     ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    ref = _dense_reference_loss(sae, x, dead, 0.5)
+    ref = _dense_reference_loss(sae, x, dead, 0.5, hand_weights)
     ref.backward()
     assert torch.allclose(res.loss.detach(), ref.detach(), rtol=1e-12)
     for name, p in sae.named_parameters():
@@ -247,6 +263,30 @@ def test_loss_and_gradients_match_dense_reference(mode: str) -> None:
     metrics = res.metrics()
     assert metrics["n_dead"] == float(dead.sum()) and metrics["aux_loss"] > 0
     assert set(f"fvu_prefix_{g}" for g in range(3)) <= metrics.keys()
+    # the reference reconstruction term is (1/G) * mean_g MSE_g: a ninth of the prefix sum at G = 3
+    if weighting == "reference":
+        expected = res.prefix_mse.sum() / 9 + 0.5 * res.aux_loss
+        assert float(res.loss.detach()) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_group_weights_config() -> None:
+    assert SAEConfig().group_weights == "reference"
+    assert SAEConfig(depth=2, group_weights=[1.0, 3.0]).group_weights == [1.0, 3.0]
+    with pytest.raises(ValueError, match="2 weights for 3 groups"):
+        SAEConfig(depth=3, group_weights=[1.0, 3.0])
+    with pytest.raises(ValueError, match="positive"):
+        SAEConfig(depth=2, group_weights=[1.0, 0.0])
+    with pytest.raises(ValueError):
+        SAEConfig(group_weights="halves")
+    # train_step uses the configured weighting: the same batch, "equal" reports G times the reconstruction loss
+    losses = {}
+    for weighting in ("reference", "equal"):
+        cfg = SAEConfig(expansion=4, k=3, depth=3, group_weights=weighting, dead_tokens=10**9)
+        sae = MatryoshkaSAE.from_config(16, cfg, seed=0)
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+        sae.init_from_batch(x)
+        losses[weighting] = train_step(sae, make_optimizer(sae), x, cfg, 0)["loss"]
+    assert losses["equal"] == pytest.approx(3 * losses["reference"], rel=1e-5)
 
 
 def test_encoder_backward_gradcheck() -> None:

@@ -3,14 +3,20 @@
 loss = mean_g w_g * mean_b ||x_b - (b_dec + sum_{g' <= g} z_g' W_dec,g')||^2
        + alpha * AuxK
 
+Group weights (``sae.group_weights``): the reference trainer
+(dictionary_learning's ``MatryoshkaBatchTopKTrainer``, which the paper's code
+runs with its defaults) multiplies each prefix loss by w_g = 1/G and then
+takes the mean over groups, so its reconstruction term is (1/G) * mean_g MSE_g.
+That is the default here ("reference"). "equal" (w_g = 1, the plain mean over
+prefixes) makes the reconstruction G times stronger against alpha * AuxK and
+G times more likely to be cut by gradient clipping; with Adam a common scale
+changes nothing else. Depth 1 is the plain BatchTopK MSE under both.
+
 All prefixes come from ONE decode: the decoder returns per-group partial sums
 c_g (G, B, D) and the prefix residuals are built incrementally,
 e_0 = x - b_dec - c_0, e_g = e_{g-1} - c_g, by a small autograd function that
 keeps no (G, B, D) temporaries besides e (its backward is a reverse running
-sum). Equal weights w_g = 1 by default, so depth 1 is the plain BatchTopK MSE.
-(dictionary_learning's trainer divides by G twice - weights 1/G, then a mean -
-which only rescales the loss; with Adam that matters through grad clipping and
-the AuxK weight.)
+sum).
 
 AuxK: the top ``aux_k`` (default D/2) ReLU'd pre-activations of each row among
 *dead* concepts decode (without b_dec) the detached residual x - x^; its
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -68,6 +75,23 @@ class _PrefixSSE(torch.autograd.Function):
 def prefix_sse(r_bd: Tensor, c_gbd: Tensor) -> Tensor:
     """(G,) squared error of each nested prefix; see :class:`_PrefixSSE`."""
     return _PrefixSSE.apply(r_bd, c_gbd)
+
+
+GroupWeights = Literal["reference", "equal"] | Sequence[float]
+
+
+def resolve_group_weights(spec: GroupWeights | None, n_groups: int) -> list[float]:
+    """The per-group weights w_g of ``sae.group_weights`` ("reference": 1/G, "equal": 1, or a list)."""
+    if spec is None or spec == "reference":
+        return [1.0 / n_groups] * n_groups
+    if spec == "equal":
+        return [1.0] * n_groups
+    if isinstance(spec, str):
+        raise ValueError(f"unknown group weighting {spec!r}: 'reference', 'equal' or one weight per group")
+    weights = [float(w) for w in spec]
+    if len(weights) != n_groups:
+        raise ValueError(f"{len(weights)} group weights for {n_groups} groups")
+    return weights
 
 
 @dataclass(frozen=True)
@@ -137,19 +161,18 @@ def matryoshka_loss(
     codes: SparseCodes,
     dead_m: Tensor | None = None,
     *,
-    group_weights: Sequence[float] | None = None,
+    group_weights: GroupWeights | None = "reference",
     aux_alpha: float = 1 / 32,
     aux_k: int | None = None,
     decode_mode: DecodeMode = "auto",
 ) -> MatryoshkaLoss:
-    """The Matryoshka reconstruction loss of ``codes`` plus alpha * AuxK over ``dead_m``."""
+    """The Matryoshka reconstruction loss of ``codes`` plus alpha * AuxK over ``dead_m``.
+
+    ``group_weights``: see :func:`resolve_group_weights` (None means "reference").
+    """
     n_groups = model.n_groups
     batch = x_bd.shape[0]
-    weights = torch.ones(n_groups, dtype=x_bd.dtype, device=x_bd.device)
-    if group_weights is not None:
-        if len(group_weights) != n_groups:
-            raise ValueError(f"{len(group_weights)} group weights for {n_groups} groups")
-        weights = torch.as_tensor(list(group_weights), dtype=x_bd.dtype, device=x_bd.device)
+    weights = torch.tensor(resolve_group_weights(group_weights, n_groups), dtype=x_bd.dtype, device=x_bd.device)
 
     c_gbd = model.decode_groups(codes, decode_mode)
     r_bd = x_bd - model.b_dec

@@ -94,7 +94,7 @@ def train_step(
     grad_clip: float = 1.0,
     reduce_fired: FiredReducer | None = None,
     reduce_min: MinReducer | None = None,
-    group_weights: list[float] | None = None,
+    group_weights: str | list[float] | None = None,
 ) -> dict[str, float]:
     """One update: BatchTopK forward, Matryoshka + AuxK loss, backward, clean and clip
     the gradient, Adam, unit decoder rows, threshold EMA and dead counters.
@@ -103,7 +103,8 @@ def train_step(
     ``reduce_min(min_kept) -> min_kept`` let a distributed caller all-reduce
     (sum, resp. min) before the counters and theta are updated. ``step`` is
     the 0-based global step (the threshold EMA starts at
-    ``cfg.threshold_start_step``). Initialisation is the caller's: call
+    ``cfg.threshold_start_step``). ``group_weights`` overrides
+    ``cfg.group_weights``. Initialisation is the caller's: call
     ``model.init_from_batch(first_batch)`` once before step 0. Returns floats
     for logging.
     """
@@ -119,7 +120,7 @@ def train_step(
         x_bd,
         codes,
         dead_m,
-        group_weights=group_weights,
+        group_weights=cfg.group_weights if group_weights is None else group_weights,
         aux_alpha=cfg.aux_alpha,
         aux_k=cfg.aux_k,
     )
