@@ -158,6 +158,13 @@ class SAEConfig(Section):
     group_fractions: list[float] | None = Field(
         None, description="Nested group fractions summing to 1; default: the reference six."
     )
+    group_weights: Literal["reference", "equal"] | list[float] = Field(
+        "reference",
+        description="Weights w_g of the prefix losses, loss = mean_g w_g * MSE_g + aux_alpha * AuxK."
+        " reference: w_g = 1/G (dictionary_learning's Matryoshka trainer, the paper's setting);"
+        " equal: w_g = 1 (G times stronger reconstruction against AuxK and grad clipping);"
+        " or one positive weight per group.",
+    )
     aux_alpha: float = Field(1 / 32, ge=0.0)
     aux_k: int | None = Field(None, ge=1, description="Dead concepts used by AuxK; default D/2.")
     dead_tokens: int = Field(10_000_000, ge=1, description="Tokens without firing => dead.")
@@ -176,6 +183,12 @@ class SAEConfig(Section):
                 raise ValueError(
                     f"sae.depth={self.depth} disagrees with {len(fr)} sae.group_fractions"
                 )
+        gw = self.group_weights
+        if isinstance(gw, list):
+            if len(gw) != len(self.fractions()):
+                raise ValueError(f"sae.group_weights has {len(gw)} weights for {len(self.fractions())} groups")
+            if any(w <= 0 for w in gw):
+                raise ValueError(f"sae.group_weights must be positive, got {gw}")
         return self
 
     def fractions(self) -> list[float]:
