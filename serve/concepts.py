@@ -31,6 +31,9 @@ class ConceptRow:
     frequency: float | None = None
     top_patches: list[dict[str, Any]] = field(default_factory=list)
     gallery: Path | None = None
+    alias_class: int | None = None  # representative of its alias class (concepts related both ways)
+    aliases: list[int] = field(default_factory=list)
+    dense: bool = False
 
     @property
     def label(self) -> str:
@@ -156,6 +159,10 @@ class ConceptIndex:
             row.children = [c for c in _ids(_get(rec, "children")) if 0 <= c < len(rows) and c != cid]
             row.frequency = _float(_get(rec, "frequency"))
             row.top_patches = [_plain(p) for p in list(_get(rec, "top_patches") or [])[:50]]
+            alias = _get(rec, "alias_class")
+            row.alias_class = int(alias) if alias is not None and 0 <= int(alias) < len(rows) else cid
+            row.aliases = [a for a in _ids(_get(rec, "aliases")) if 0 <= a < len(rows) and a != cid][:200]
+            row.dense = bool(_get(rec, "dense") or False)
             row.gallery = next((f / "galleries" / f"concept-{cid}.png" for f in folders
                                 if (f / "galleries" / f"concept-{cid}.png").is_file()), None)
         return cls(rows, named=named, source="concept table")
@@ -217,6 +224,9 @@ class ConceptIndex:
             "parents": [self.ref(p) for p in row.parents],
             "children": [self.ref(c) for c in row.children],
             "path": [self.ref(p) for p in self.path(concept_id)],
+            "alias_class": self.ref(row.alias_class if row.alias_class is not None else row.id),
+            "aliases": [self.ref(a) for a in row.aliases],
+            "dense": row.dense,
             "top_patches": row.top_patches,
             "gallery_png": gallery,
             "named": self.named,

@@ -106,20 +106,98 @@ def planted_model(tmp_path_factory):
 # ------------------------------------------------------------------ hierarchy (pure)
 
 
-def test_hierarchy_breaks_cycles_reduces_shortcuts_and_levels():
+def test_hierarchy_aliases_cycles_reduces_shortcuts_and_levels():
+    from insight.concepts.hierarchy import Hierarchy, build_hierarchy
+
+    # 0 root; 1 < 0; 2 < 1 and 2 < 0 (a shortcut); 3 <-> 4 mutual (4 more frequent): aliases;
+    # 5 -> 6 -> 7 -> 5 a three-cycle: one alias class (7 most frequent); 9 < 3 one way: under the class {3, 4};
+    # 8 never fired but "related".
+    parents_all = [[], [(0, 0.9)], [(1, 0.95), (0, 0.9)], [(4, 0.8)], [(3, 0.8)], [(6, 0.9)], [(7, 0.9)],
+                   [(5, 0.9)], [(0, 1.0)], [(3, 0.85)]]
+    count = np.array([100, 50, 20, 30, 40, 10, 20, 30, 0, 5])
+    h = build_hierarchy(parents_all, count)
+    assert h.alias_class.tolist() == [0, 1, 2, 4, 4, 7, 7, 7, 8, 9]
+    assert h.members(3) == [4, 3] and h.members(6) == [7, 6, 5] and h.n_alias_classes == 2
+    assert h.parents == [[], [0], [1], [], [], [], [], [], [], [4]]
+    assert h.children[0] == [1] and h.children[1] == [2] and h.children[3] == h.children[4] == [9]
+    assert h.level.tolist() == [0, 1, 2, 0, 0, 0, 0, 0, -1, 1]
+    assert h.roots == [0, 4, 7] and h.with_parents == 3 and h.levels == 3
+    assert h.alias_edges == 5 and h.shortcuts_dropped == 1 and h.dense_edges_dropped == 0
+    # family naming: one-way relations only (2 keeps its grandparent: Dthr is not reduced), no aliases
+    assert h.family[2] == [(1, 0.95), (0, 0.9)] and h.family[3] == [] and h.family[9] == [(3, 0.85)]
+    back = Hierarchy.from_json(json.loads(json.dumps(h.to_json())))
+    assert back.parents == h.parents and back.children == h.children and back.classes == h.classes
+    assert np.array_equal(back.level, h.level) and np.array_equal(back.alias_class, h.alias_class)
+
+
+def test_dense_concepts_are_flagged_and_nobodys_parent():
     from insight.concepts.hierarchy import build_hierarchy
 
-    # 0 root; 1 < 0; 2 < 1 and 2 < 0 (a shortcut); 3 <-> 4 mutual (4 more frequent);
-    # 5 -> 6 -> 7 -> 5 a three-cycle (7 most frequent, then 6); 8 never fired but "related".
-    parents_all = [[], [(0, 0.9)], [(1, 0.95), (0, 0.9)], [(4, 0.8)], [(3, 0.8)], [(6, 0.9)], [(7, 0.9)],
-                   [(5, 0.9)], [(0, 1.0)]]
-    count = np.array([100, 50, 20, 30, 40, 10, 20, 30, 0])
-    h = build_hierarchy(parents_all, count)
-    assert h.parents == [[], [0], [1], [4], [], [6], [7], [], []]
-    assert h.children[0] == [1] and h.children[1] == [2] and h.children[4] == [3]
-    assert h.level.tolist() == [0, 1, 2, 1, 0, 2, 1, 0, -1]
-    assert h.roots == [0, 4, 7] and h.with_parents == 5
-    assert sorted(h.cycle_edges_dropped) == [(4, 3), (7, 5)] and h.shortcuts_dropped == 1
+    # of 1000 tokens: 0 is active on 500 (dense at share 0.3); 2 < 0; 1 < 2 and 1 < 0; 3 <-> 0 aliases
+    parents_all = [[(3, 0.8)], [(0, 0.9), (2, 0.8)], [(0, 0.95)], [(0, 0.9)]]
+    count = np.array([500, 100, 200, 260])
+    h = build_hierarchy(parents_all, count, tokens=1000, dense_share=0.3)
+    assert h.dense.tolist() == [True, False, False, False] and h.dense_class.tolist() == [True, False, False, True]
+    assert h.parents == [[], [2], [], []] and h.level.tolist() == [0, 1, 0, 0] and h.dense_edges_dropped == 2
+    assert h.family[1] == [(2, 0.8)] and h.family[2] == []  # dense concepts stay out of families too
+    allowed = build_hierarchy(parents_all, count, tokens=1000, dense_share=0.3, dense_parents=True)
+    assert allowed.parents == [[], [2], [0], []] and allowed.level.tolist() == [0, 2, 1, 0]
+    assert allowed.family[2] == [(0, 0.95)] and allowed.dense[0]
+    none = build_hierarchy(parents_all, count, tokens=1000, dense_share=0.6)
+    assert not none.dense.any() and none.parents[2] == [0]
+
+
+def test_cofiring_block_is_one_alias_class_from_the_real_pass(tmp_path):
+    """Codes made here, relations by the streaming pass: a co-firing block, a one-way pair, a dense concept.
+
+    Identity SAE: concept i is feature i. 0-5 fire together on the top right of most images (each drops out
+    on 5% of the block's patches, so frequencies differ a little); 7 fires on part of 6's region; 8 covers the
+    left 5 of 8 columns everywhere, and 9 fires on a few patches inside it.
+    """
+    from insight.cache import CacheReader
+    from insight.cache.importer import import_features
+    from insight.concepts.hierarchy import build_hierarchy, raw_parents
+    from insight.concepts.stats import partial_stats
+
+    rng = np.random.default_rng(0)
+    n, g, dim = 60, 8, 10
+    grids = np.zeros((n, g, g, dim), np.float32)
+    block = list(range(6))
+    for im in range(n):
+        if rng.random() < 0.8:
+            for y in range(0, 4):
+                for x in range(5, 8):
+                    for c in block:
+                        if rng.random() > 0.05:
+                            grids[im, y, x, c] = rng.uniform(1, 2)
+        if rng.random() < 0.8:
+            grids[im, 4:8, 5:8, 6] = rng.uniform(1, 2, size=(4, 3))
+            if rng.random() < 0.5:
+                grids[im, 5:7, 6:8, 7] = rng.uniform(1, 2, size=(2, 2))
+        grids[im, :, 0:5, 8] = rng.uniform(1, 2, size=(g, 5))
+        if rng.random() < 0.5:
+            y, x = rng.integers(0, g), rng.integers(0, 4)
+            grids[im, y, x : x + 2, 9] = rng.uniform(1, 2, size=2)
+    np.save(tmp_path / "g.npy", grids)
+    reader = CacheReader(import_features(str(tmp_path / "g.npy"), str(tmp_path / "c"), shard_images=30)["cache"])
+    # the pass's task body over both shards in this process (the Ray fan-out is tested above)
+    stats = partial_stats(reader, [0, 1], _identity_sae(dim, threshold=0.25), eps=1e-3, radius=0, top_n=5)
+    parents_all = raw_parents(stats, 0.75)
+    freq = stats.frequency_m
+    assert all(j in dict(parents_all[i]) for i in block for j in block if i != j)  # mutual: Dn > tau both ways
+    assert len(set(stats.count_m[block].tolist())) > 1 and freq[8] > 0.6 and freq[block].max() < 0.2
+
+    h = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens, dense_share=0.3)
+    rep = int(np.argmax(stats.count_m[block]))
+    assert sorted(h.members(0)) == block and h.alias_class[block].tolist() == [rep] * 6
+    assert h.level[block].tolist() == [0] * 6 and h.parents[rep] == [] and h.levels == 2  # no chain of 6
+    assert h.parents[7] == [6] and h.children[6] == [7] and h.level[7] == 1 and 7 not in dict(parents_all[6])
+    assert h.dense.tolist() == [False] * 8 + [True, False]
+    assert 8 in dict(parents_all[9]) and h.parents[9] == [] and h.level[9] == 0  # dense: not a parent
+    assert h.family[7] == [(6, dict(parents_all[7])[6])] and all(h.family[i] == [] for i in block)
+    with_dense = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens, dense_share=0.3,
+                                 dense_parents=True)
+    assert with_dense.parents[9] == [8] and with_dense.level[9] == 1
 
 
 # ------------------------------------------------------------------ the streaming pass
@@ -252,6 +330,14 @@ def test_planted_parents_and_names_are_recovered(ray_local, planted_model):
     assert all(c.name == c.name_family and c.naming == "family" and len(c.candidates) == 5 for c in table)
     child = next(i for i in good if parent[atom[i]] >= 0 and table[i].parents)
     assert table[child].level >= 1 and table[child].top_patches and table[child].top_patches[0].activation > 0
+    # hierarchy.json and the table tell the same alias classes, levels and dense tags
+    from insight.concepts.hierarchy import Hierarchy
+
+    hier = Hierarchy.load(Path(out["hierarchy"]))
+    assert hier.levels == out["levels"] and hier.n_alias_classes == table.n_alias_classes == out["alias_classes"]
+    for c in table:
+        assert (c.alias_class, c.level, c.dense) == (hier.alias_class[c.id], hier.level[c.id], hier.dense[c.id])
+        assert all(a.level == c.level and a.parents == c.parents for a in table.alias_members(c.id))
     # imported cache: galleries fall back to heatmaps on the patch grid
     gal = Path(out["galleries"])
     assert sorted(p.name for p in gal.glob("concept-*.png")) and (gal / "contact_levels.png").stat().st_size > 0
@@ -350,6 +436,9 @@ def test_concepts_cli_end_to_end(tiny_cache, tmp_path):
     assert out["cache"] == extracted["cache"]
     table = load_model(run_id, tracking_uri=uri, dst=str(tmp_path / "loaded")).concepts
     assert len(table) == 256 and table.with_parents == out["with_parents"]
+    assert table.n_alias_classes == out["alias_classes"] and sum(c.dense for c in table) == out["dense"]
+    assert all(table[c.alias_class].is_representative and c.id in {a.id for a in table.alias_members(c.id)}
+               for c in table)
     assert table.meta["model_run_id"] == run_id and table.meta["tokens"] == out["tokens"]
     top = max(table, key=lambda c: c.frequency)
     assert table.by_name(top.name) and top in table.in_group(top.group) and top in table.at_level(top.level)

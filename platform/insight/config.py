@@ -337,7 +337,20 @@ class ConceptsConfig(Section):
     """`insight concepts`: relations, hierarchy, names and galleries (METHOD.md sections 3-4)."""
 
     eps: float = Field(0.001, ge=0, description="A concept is active on a patch when z > eps.")
-    tau: float = Field(0.75, gt=0, le=1, description="j is a parent of i when Dn[i,j] > tau.")
+    tau: float = Field(
+        0.75, gt=0, le=1,
+        description="j relates to i when Dn[i,j] > tau: j is i's parent when only that way holds, else they are aliases.",
+    )
+    dense_share: float = Field(
+        0.1, gt=0, le=1,
+        description="Concepts active on more than this share of tokens are tagged dense and are nobody's parent.",
+    )
+    dense_parents: bool = Field(False, description="Let dense concepts be parents (and family members) all the same.")
+    family_members: Literal["parents", "relations"] = Field(
+        "parents",
+        description="Family naming decodes a concept with its one-way, non-dense parents (parents) or with every j"
+        " where Dn[i,j] > tau, aliases and dense concepts included (relations: the paper's Dthr, for comparison).",
+    )
     radius: int = Field(
         0, ge=0, description="Co-occurrence neighbourhood: Chebyshev radius in patches (0 = same patch)."
     )

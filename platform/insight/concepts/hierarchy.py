@@ -1,22 +1,65 @@
-"""From co-occurrence to a clean concept hierarchy (METHOD.md section 3).
+"""From co-occurrence to a sound concept hierarchy (docs/method.md, relations).
 
-``raw_parents``: j is a parent of i when Dn[i,j] > tau and j != i (wherever i
-fires, j fires too). Those relations can form cycles (two concepts that always
-fire together are each other's parent) and carry redundant shortcuts (a
-grandparent is also above tau). `build_hierarchy` turns them into a DAG:
+Relations keep the paper's definition: ``raw_parents`` lists, per concept i,
+every j != i with Dn[i,j] > tau ("wherever i fires, j fires too": j covers i).
+`build_hierarchy` turns those relations into a tree-like DAG by one rule:
 
-1. Cycles are broken deterministically. Inside every strongly connected
-   component, an edge child -> parent is kept only when the parent ranks
-   higher: more frequent, ties to the lower id. Mutual parents thus resolve to
-   "the more frequent one is the parent"; edges between components are kept.
-2. Transitive reduction: a parent is dropped when it is also an ancestor of
-   another of the concept's parents, so each concept keeps its nearest parents.
-3. Levels: 0 for roots, else 1 + the largest parent level (the longest path
-   from a root); -1 for concepts that never fired (they take no part).
+1. **Aliases.** When j covers i *and* i covers j (Dn[i,j] > tau and
+   Dn[j,i] > tau) neither is broader: by the relation's own reading they
+   fire on the same tokens. Such concepts are *aliases* and form one alias
+   class: the union of mutual pairs together with any remaining strongly
+   connected component of the relation graph (i1 -> i2 -> ... -> i1 is the
+   same statement spread over more concepts). Its *representative* is its
+   most frequent member (ties: lower id); a singleton is its own class.
+   Ordering aliases by tiny frequency differences instead (what the first
+   version did) turns a block of k co-firing concepts into a chain of k levels.
+2. **Dense concepts.** A concept active on more than ``dense_share`` of all
+   tokens is *dense*; an alias class is dense when one of its members is.
+   A broad enough concept covers most others by sheer extent, so Dn says
+   little about what they are part of; a dense class is nobody's parent
+   unless ``dense_parents`` allows it (it keeps its own parents and its tag).
+3. **Parents are one-way.** Class B is a parent of class A when some
+   i in A and j in B relate only one way (Dn[i,j] > tau, Dn[j,i] <= tau:
+   every such cross-class relation is one-way, or i and j would be aliases)
+   and B is not dense. The class graph is acyclic by construction.
+4. **Transitive reduction and levels on classes.** A parent class that is
+   also an ancestor of another parent class is dropped (a shortcut), so each
+   class keeps its nearest parents. Level 0 for root classes, else 1 + the
+   largest parent level: the longest chain of strict one-way coverings.
+   -1 for concepts that never fired (they take no part).
 
-Each concept's parents are listed strongest Dn first (ties: lower id); the
-first one is its *primary* parent, under which drawings hang it so the DAG can
-be shown as a tree (`insight.concepts.tree`); the other parents stay listed.
+Per concept, `Hierarchy` gives its class's facts: ``parents`` and
+``children`` are representatives of the nearest parent/child classes,
+strongest relation first (the largest Dn[i,j] over the class pair; ties:
+lower id), and every member of a class has the class's level. The first
+parent is the *primary* parent, under which drawings hang a class
+(`insight.concepts.tree`). ``family`` is what family naming decodes with
+a concept: its raw relations minus aliases and dense concepts, i.e. its
+one-way parents (the paper's Dthr lists every j with Dn[i,j] > tau; inside a
+co-firing block that makes every member's family the same block and every
+name the same word).
+
+``hierarchy.json`` (`Hierarchy.to_json`, read back by `Hierarchy.from_json`,
+the one pair of functions that knows the layout)::
+
+    format               "insight-hierarchy/2"
+    levels               number of levels (max level + 1)
+    roots                representatives of the root classes (ids)
+    with_parents         concepts (any member of a class) that have a parent
+    dense_share, dense_parents   the dense rule's settings
+    dense                ids of dense concepts
+    alias_classes        number of classes with more than one member
+    alias_edges          raw relations inside a class (not parent edges)
+    dense_edges_dropped  raw cross-class relations into a dense class, unused
+    shortcuts_dropped    class edges removed by the transitive reduction
+    classes              one object per class of concepts that fired:
+                         {id (the representative), members (most frequent
+                         first), level, parents, children (representatives),
+                         dense}
+    nodes                one object per concept: {id, level, alive,
+                         alias_class (its representative), dense, parents,
+                         children, parents_all ([j, Dn[i,j]] raw, strongest
+                         first), name?, frequency?}
 """
 
 from __future__ import annotations
@@ -29,6 +72,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from insight.concepts.stats import ConceptStats
+
+FORMAT = "insight-hierarchy/2"
 
 
 def raw_parents(stats: ConceptStats, tau: float, block: int = 1024) -> list[list[tuple[int, float]]]:
@@ -66,29 +111,87 @@ def sparse_rows(stats: ConceptStats, topk: int, block: int = 1024) -> tuple[np.n
 
 @dataclass
 class Hierarchy:
-    """The concept DAG: raw relations, kept (reduced) parents, children, levels."""
+    """The concept DAG over alias classes: raw relations, nearest parents/children, levels, aliases, dense tags."""
 
     n_concepts: int
     alive: np.ndarray  # bool (M,)
     parents_all: list[list[tuple[int, float]]]  # raw: Dn > tau, strongest first
-    parents: list[list[int]]  # nearest parents after cycle breaking + transitive reduction
-    children: list[list[int]]
-    level: np.ndarray  # int (M,), -1 for concepts that never fired
-    cycle_edges_dropped: list[tuple[int, int]] = field(default_factory=list)  # (child, parent)
+    parents: list[list[int]]  # representatives of the nearest parent classes (same for every member)
+    children: list[list[int]]  # representatives of the nearest child classes
+    level: np.ndarray  # int (M,), the class's level; -1 for concepts that never fired
+    alias_class: np.ndarray  # int (M,): the representative of each concept's alias class
+    dense: np.ndarray  # bool (M,): active on more than dense_share of tokens
+    dense_share: float = 1.0
+    dense_parents: bool = False
+    alias_edges: int = 0
+    dense_edges_dropped: int = 0
     shortcuts_dropped: int = 0
+    _members: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self._members:
+            members: dict[int, list[int]] = {}
+            for i in range(self.n_concepts):
+                members.setdefault(int(self.alias_class[i]), []).append(i)
+            self._members = {r: sorted(ms, key=lambda i, r=r: (i != r, i)) for r, ms in members.items()}
+
+    @property
+    def classes(self) -> dict[int, list[int]]:
+        """Representative -> members (the representative first, then by id), for every concept."""
+        return self._members
+
+    def members(self, i: int) -> list[int]:
+        """Concept i's alias class (itself included), representative first."""
+        return self._members[int(self.alias_class[i])]
+
+    @property
+    def dense_class(self) -> np.ndarray:
+        """bool (M,): the concept's alias class holds a dense concept."""
+        flag = np.zeros(self.n_concepts, bool)
+        for ms in self._members.values():
+            if self.dense[ms].any():
+                flag[ms] = True
+        return flag
 
     @property
     def roots(self) -> list[int]:
-        return [i for i in range(self.n_concepts) if self.alive[i] and not self.parents[i]]
+        """Representatives of the root classes."""
+        return [i for i in range(self.n_concepts) if self.alive[i] and not self.parents[i]
+                and self.alias_class[i] == i]
 
     @property
     def with_parents(self) -> int:
         return sum(1 for p in self.parents if p)
 
+    @property
+    def levels(self) -> int:
+        return int(self.level.max(initial=-1)) + 1
+
+    @property
+    def n_alias_classes(self) -> int:
+        """Classes with more than one member."""
+        return sum(1 for ms in self._members.values() if len(ms) > 1)
+
+    @property
+    def family(self) -> list[list[tuple[int, float]]]:
+        """Per concept, the relations family naming decodes with it: one-way parents, not dense (module doc)."""
+        dense = self.dense_class
+        out = []
+        for i, ps in enumerate(self.parents_all):
+            a = self.alias_class[i]
+            out.append([(j, s) for j, s in ps if self.alias_class[j] != a and (self.dense_parents or not dense[j])])
+        return out
+
     def to_json(self, names: list[str] | None = None, frequency: np.ndarray | None = None) -> dict[str, Any]:
+        """The hierarchy.json document (layout in the module doc)."""
+        dense = self.dense_class
+        classes = [{"id": rep, "members": ms, "level": int(self.level[rep]), "parents": self.parents[rep],
+                    "children": self.children[rep], "dense": bool(dense[rep])}
+                   for rep, ms in sorted(self._members.items()) if self.alive[rep]]
         nodes = []
         for i in range(self.n_concepts):
             node: dict[str, Any] = {"id": i, "level": int(self.level[i]), "alive": bool(self.alive[i]),
+                                    "alias_class": int(self.alias_class[i]), "dense": bool(self.dense[i]),
                                     "parents": self.parents[i], "children": self.children[i],
                                     "parents_all": [[j, round(s, 6)] for j, s in self.parents_all[i]]}
             if names is not None:
@@ -96,9 +199,44 @@ class Hierarchy:
             if frequency is not None:
                 node["frequency"] = float(frequency[i])
             nodes.append(node)
-        return {"roots": self.roots, "levels": int(self.level.max(initial=-1)) + 1,
-                "with_parents": self.with_parents, "cycle_edges_dropped": [list(e) for e in self.cycle_edges_dropped],
-                "shortcuts_dropped": self.shortcuts_dropped, "nodes": nodes}
+        return {"format": FORMAT, "levels": self.levels, "roots": self.roots, "with_parents": self.with_parents,
+                "dense_share": self.dense_share, "dense_parents": self.dense_parents,
+                "dense": [int(i) for i in np.nonzero(self.dense)[0]], "alias_classes": self.n_alias_classes,
+                "alias_edges": self.alias_edges, "dense_edges_dropped": self.dense_edges_dropped,
+                "shortcuts_dropped": self.shortcuts_dropped, "classes": classes, "nodes": nodes}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Hierarchy:
+        """Read a hierarchy.json document back (the inverse of `to_json`)."""
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"not an {FORMAT} document")
+        nodes = sorted(doc["nodes"], key=lambda n: int(n["id"]))
+        m = len(nodes)
+        members = {int(c["id"]): [int(x) for x in c["members"]] for c in doc["classes"]}
+        for n in nodes:  # concepts that never fired are singletons, not listed among the classes
+            members.setdefault(int(n["alias_class"]), [int(n["id"])])
+        return cls(m, np.array([bool(n["alive"]) for n in nodes], bool),
+                   [[(int(j), float(s)) for j, s in n["parents_all"]] for n in nodes],
+                   [[int(p) for p in n["parents"]] for n in nodes], [[int(c) for c in n["children"]] for n in nodes],
+                   np.array([int(n["level"]) for n in nodes], np.int64),
+                   np.array([int(n["alias_class"]) for n in nodes], np.int64),
+                   np.array([bool(n["dense"]) for n in nodes], bool), float(doc["dense_share"]),
+                   bool(doc["dense_parents"]), int(doc["alias_edges"]), int(doc["dense_edges_dropped"]),
+                   int(doc["shortcuts_dropped"]), members)
+
+    @classmethod
+    def load(cls, path: Any) -> Hierarchy:
+        """Read ``hierarchy.json`` from a file or a concepts folder."""
+        import json
+        from pathlib import Path
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / "hierarchy.json"
+        try:
+            return cls.from_json(json.loads(p.read_text()))
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise ValueError(f"{p}: {exc}") from None
 
 
 def _sccs(n: int, edges: list[list[int]]) -> list[int]:
@@ -146,32 +284,62 @@ def _sccs(n: int, edges: list[list[int]]) -> list[int]:
     return comp
 
 
-def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarray) -> Hierarchy:
-    """Raw parent relations + firing counts -> a clean DAG (see the module doc)."""
+def dense_mask(count: np.ndarray, tokens: int, dense_share: float) -> np.ndarray:
+    """Concepts active on more than ``dense_share`` of ``tokens``."""
+    count = np.asarray(count)
+    return (count > dense_share * tokens) & (count > 0) if tokens > 0 else np.zeros(count.shape, bool)
+
+
+def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarray, *, tokens: int = 0,
+                    dense_share: float = 1.0, dense_parents: bool = False) -> Hierarchy:
+    """Raw relations + firing counts (of ``tokens`` tokens) -> alias classes and their DAG (see the module doc)."""
     m = len(parents_all)
-    alive = np.asarray(count) > 0
-    edges = [[j for j, _ in ps if alive[i] and alive[j]] for i, ps in enumerate(parents_all)]
+    count = np.asarray(count)
+    alive = count > 0
+    dense = dense_mask(count, tokens, dense_share)
+    edges = [[j for j, _ in ps if j != i and alive[i] and alive[j]] for i, ps in enumerate(parents_all)]
     comp = _sccs(m, edges)
-
-    def ranks_above(j: int, i: int) -> bool:  # is j the better parent candidate than i
-        return (-int(count[j]), j) < (-int(count[i]), i)
-
-    dropped: list[tuple[int, int]] = []
-    dag = [[] for _ in range(m)]
+    by_comp: dict[int, list[int]] = {}
     for i in range(m):
-        for j in edges[i]:
-            if comp[i] == comp[j] and not ranks_above(j, i):
-                dropped.append((i, j))
+        by_comp.setdefault(comp[i], []).append(i)
+    rep = np.arange(m)
+    members: dict[int, list[int]] = {}
+    for ms in by_comp.values():
+        r = min(ms, key=lambda i: (-int(count[i]), i))
+        rep[ms] = r
+        members[r] = [r] + [i for i in sorted(ms, key=lambda i: (-int(count[i]), i)) if i != r]
+    dense_cls = np.zeros(m, bool)
+    for r, ms in members.items():
+        dense_cls[r] = bool(dense[ms].any())
+
+    # class edges a -> b (b a parent of a), with the strongest raw relation between the two classes
+    strength: dict[int, dict[int, float]] = {}
+    alias_edges = dense_dropped = 0
+    for i in range(m):
+        if not alive[i]:
+            continue
+        a = int(rep[i])
+        for j, s in parents_all[i]:
+            if j == i or not alive[j]:
+                continue
+            b = int(rep[j])
+            if a == b:
+                alias_edges += 1
+            elif dense_cls[b] and not dense_parents:
+                dense_dropped += 1
             else:
-                dag[i].append(j)
+                row = strength.setdefault(a, {})
+                row[b] = max(row.get(b, 0.0), float(s))
+    reps = sorted(members)
+    dag = {a: sorted(strength.get(a, {})) for a in reps}
 
-    # topological order, parents first (Kahn; ids break ties so the order is deterministic)
-    n_parents = [len(p) for p in dag]
-    kids: list[list[int]] = [[] for _ in range(m)]
-    for i in range(m):
-        for j in dag[i]:
-            kids[j].append(i)
-    heap = [i for i in range(m) if n_parents[i] == 0]
+    # topological order of classes, parents first (Kahn; ids break ties so the order is deterministic)
+    n_parents = {a: len(dag[a]) for a in reps}
+    kids: dict[int, list[int]] = {a: [] for a in reps}
+    for a in reps:
+        for b in dag[a]:
+            kids[b].append(a)
+    heap = [a for a in reps if n_parents[a] == 0]
     heapq.heapify(heap)
     order: list[int] = []
     while heap:
@@ -181,12 +349,13 @@ def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarra
             n_parents[c] -= 1
             if n_parents[c] == 0:
                 heapq.heappush(heap, c)
-    if len(order) != m:  # pragma: no cover - cycle breaking guarantees a DAG
-        raise RuntimeError("concept relations still hold a cycle after cycle breaking")
+    if len(order) != len(reps):  # pragma: no cover - alias classes are the SCCs: the class graph is acyclic
+        raise RuntimeError("concept relations still hold a cycle between alias classes")
 
-    # ancestors as Python int bitsets; a parent that is another parent's ancestor is a shortcut
-    ancestors = [0] * m
-    parents: list[list[int]] = [[] for _ in range(m)]
+    # ancestors as Python int bitsets (over representative ids); a parent that is another parent's ancestor
+    # is a shortcut
+    ancestors: dict[int, int] = {}
+    cls_parents: dict[int, list[int]] = {a: [] for a in reps}
     shortcuts = 0
     for v in order:
         ps = dag[v]
@@ -198,21 +367,22 @@ def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarra
             if others >> p & 1:
                 shortcuts += 1
             else:
-                parents[v].append(p)
+                cls_parents[v].append(p)
         acc = 0
         for p in ps:
             acc |= ancestors[p] | (1 << p)
         ancestors[v] = acc
-    level = np.full(m, -1, np.int64)
+    cls_level: dict[int, int] = {}
     for v in order:
-        if alive[v]:
-            level[v] = 1 + max((int(level[p]) for p in parents[v]), default=-1)
-    children: list[list[int]] = [[] for _ in range(m)]
-    for v in range(m):
-        for p in parents[v]:
-            children[p].append(v)
-    strength = [dict(ps) for ps in parents_all]
-    for v in range(m):
-        parents[v].sort(key=lambda p, v=v: (-strength[v].get(p, 0.0), p))
-        children[v].sort()
-    return Hierarchy(m, alive, parents_all, parents, children, level, dropped, shortcuts)
+        cls_level[v] = 1 + max((cls_level[p] for p in cls_parents[v]), default=-1) if alive[v] else -1
+    cls_children: dict[int, list[int]] = {a: [] for a in reps}
+    for v in reps:
+        cls_parents[v].sort(key=lambda p, v=v: (-strength[v][p], p))
+        for p in cls_parents[v]:
+            cls_children[p].append(v)
+
+    level = np.array([cls_level[int(rep[i])] for i in range(m)], np.int64)
+    parents = [list(cls_parents[int(rep[i])]) for i in range(m)]
+    children = [list(cls_children[int(rep[i])]) for i in range(m)]
+    return Hierarchy(m, alive, parents_all, parents, children, level, rep.astype(np.int64), dense,
+                     float(dense_share), bool(dense_parents), alias_edges, dense_dropped, shortcuts, members)

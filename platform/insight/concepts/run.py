@@ -9,7 +9,8 @@ folder:
 
     concepts.parquet, concepts.json   the concept table (`insight.concepts.table`)
     relations.safetensors             Dn (sparse top-k per row) and M (sparse), counts, masses
-    hierarchy.json                    nodes, nearest parents/children, levels, roots, dropped edges
+    hierarchy.json                    alias classes, nearest parents/children, levels, roots, dense tags
+                                      (layout: `insight.concepts.hierarchy`)
     hierarchy.png, hierarchy.html     the top of the tree; the whole tree, interactive
     galleries/                        concept-<id>.png, contact_levels.png, contact_groups.png
 
@@ -90,7 +91,9 @@ def build_table(stats: Any, hier: Any, vocab: Any, names: dict[str, Any], groups
             parents=list(hier.parents[i]), children=list(hier.children[i]),
             parents_all=[Relation(j, s) for j, s in hier.parents_all[i]], frequency=float(freq[i]),
             count=int(stats.count_m[i]), mass=float(mass[i]),
-            top_patches=[TopPatch(x, r, c, a) for x, r, c, a in stats.top_patches(i)]))
+            top_patches=[TopPatch(x, r, c, a) for x, r, c, a in stats.top_patches(i)],
+            alias_class=int(hier.alias_class[i]), aliases=[a for a in hier.members(i) if a != i],
+            dense=bool(hier.dense[i])))
     return ConceptTable(rows, meta)
 
 
@@ -141,7 +144,9 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
         timings = {"load": t0 - t_start, "pass": pass_s}
         t1 = time.perf_counter()
         parents_all = raw_parents(stats, c.tau)
-        hier = build_hierarchy(parents_all, stats.count_m)
+        hier = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens, dense_share=c.dense_share,
+                               dense_parents=c.dense_parents)
+        family = hier.family if c.family_members == "parents" else parents_all  # Dthr of family naming
         timings["hierarchy"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         vocab = build_vocabulary(cfg, model.config, reader)
@@ -155,12 +160,13 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
         b_dec = sae.b_dec.detach().cpu().numpy()
         mean_csr = stats.mean_vectors()
         names = {"decoder": decoder_names(w_dec, vocab, c.candidates),
-                 "family": family_names(w_dec, b_dec, mean_csr, parents_all, vocab, c.candidates, c.family_scale)}
+                 "family": family_names(w_dec, b_dec, mean_csr, family, vocab, c.candidates, c.family_scale)}
         groups = _groups_of(sae)
         meta = {"model": model.uri, "model_ref": ref, "model_run_id": model.run_id, "model_version": model.version,
                 "cache": location, "cache_key": reader.key, "split": c.split, "tokens": stats.tokens,
                 "images": stats.images, "grid": list(reader.manifest.grid), "n_concepts": sae.n_concepts,
                 "group_sizes": list(sae.group_sizes), "tau": c.tau, "eps": c.eps, "radius": c.radius,
+                "dense_share": c.dense_share, "dense_parents": c.dense_parents, "family_members": c.family_members,
                 "top_n": c.top_n, "naming": c.naming, "family_scale": c.family_scale,
                 "vocabulary": {"source": vocab.source, "size": len(vocab), "key": vocab.key},
                 "step_run_id": run.info.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -212,7 +218,8 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             "galleries": str(out / "galleries"), "gallery_count": len(gal["galleries"]),
             "contact_sheet": str(out / "galleries" / "contact_levels.png") if gal["contact_levels"] else None,
             "concepts": sae.n_concepts, "alive": int(hier.alive.sum()), "with_parents": hier.with_parents,
-            "roots": len(hier.roots), "levels": levels, "cycle_edges_dropped": len(hier.cycle_edges_dropped),
+            "roots": len(hier.roots), "levels": levels, "alias_classes": hier.n_alias_classes,
+            "dense": int(hier.dense.sum()),
             "tokens": stats.tokens, "images": stats.images, "pass_s": pass_s,
             "tokens_per_s": stats.tokens / max(pass_s, 1e-9), "vocabulary": len(vocab),
             "vocabulary_source": vocab.source, "naming": c.naming,

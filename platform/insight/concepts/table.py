@@ -12,13 +12,20 @@ Row schema (Parquet types; the JSON file holds the same rows as objects):
     candidates_family   list<struct<name, score>>
     name_decoder        string  best name of the decoder-row baseline
     candidates_decoder  list<struct<name, score>>
-    parents             list<int32>  nearest parents (cycle-free, transitively reduced), strongest first
-    children            list<int32>  concepts whose nearest parents include this one
+    parents             list<int32>  representatives of the nearest parent alias classes, strongest first
+                                     (one-way relations, transitively reduced; `insight.concepts.hierarchy`)
+    children            list<int32>  representatives of the classes whose nearest parents include this one's
     parents_all         list<struct<id: int32, strength: float32>>  every j with Dn[i,j] > tau (raw)
     frequency           float64 share of tokens where the concept is active (z > eps)
     count               int64   tokens where it is active
     mass                float64 summed activation, D[i,i]
     top_patches         list<struct<image_id: string, row: int16, col: int16, activation: float32>>
+    alias_class         int32   representative (most frequent member) of its alias class: concepts that
+                                cover each other both ways (Dn > tau both ways); its own id when alone
+    aliases             list<int32>  the other members of its alias class, most frequent first
+    dense               bool    active on more than concepts.dense_share of tokens (nobody's parent by default)
+
+Every member of an alias class has the class's level, parents and children.
 
 Table-level facts (model, cache, tau, eps, radius, tokens, vocabulary, group
 sizes, grid) are in ``meta``: the Parquet schema metadata key
@@ -80,6 +87,18 @@ class Concept:
     count: int
     mass: float
     top_patches: list[TopPatch] = field(default_factory=list)
+    alias_class: int = -1  # -1: its own class (tables written before alias classes existed)
+    aliases: list[int] = field(default_factory=list)
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alias_class < 0:
+            self.alias_class = self.id
+
+    @property
+    def is_representative(self) -> bool:
+        """The concept stands for its alias class (it is alone in it, or its most frequent member)."""
+        return self.alias_class == self.id
 
     @property
     def alive(self) -> bool:
@@ -107,6 +126,8 @@ class Concept:
             frequency=float(d["frequency"]), count=int(d["count"]), mass=float(d["mass"]),
             top_patches=[TopPatch(str(p["image_id"]), int(p["row"]), int(p["col"]), float(p["activation"]))
                          for p in d["top_patches"] or []],
+            alias_class=int(d["alias_class"]) if d.get("alias_class") is not None else -1,
+            aliases=[int(a) for a in d.get("aliases") or []], dense=bool(d.get("dense") or False),
         )
 
 
@@ -123,6 +144,7 @@ def _schema():
         ("frequency", pa.float64()), ("count", pa.int64()), ("mass", pa.float64()),
         ("top_patches", pa.list_(pa.struct([("image_id", pa.string()), ("row", pa.int16()), ("col", pa.int16()),
                                             ("activation", pa.float32())]))),
+        ("alias_class", pa.int32()), ("aliases", pa.list_(pa.int32())), ("dense", pa.bool_()),
     ])
 
 
@@ -178,6 +200,17 @@ class ConceptTable:
 
     def roots(self) -> list[Concept]:
         return self.at_level(0)
+
+    def alias_members(self, concept_id: int) -> list[Concept]:
+        """The concept's alias class, its representative first, then most frequent first."""
+        c = self.by_id(concept_id)
+        rep = self.by_id(c.alias_class)
+        return [rep] + [self.by_id(a) for a in rep.aliases]
+
+    @property
+    def n_alias_classes(self) -> int:
+        """Alias classes with more than one member."""
+        return sum(1 for c in self.concepts if c.is_representative and c.aliases)
 
     def parents_of(self, concept_id: int) -> list[Concept]:
         return [self.by_id(p) for p in self.by_id(concept_id).parents]

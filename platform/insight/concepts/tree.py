@@ -1,11 +1,14 @@
 """Pictures of the concept hierarchy: a PNG of its top and an interactive HTML tree of all of it.
 
-The DAG is drawn as a tree by hanging every concept under its primary parent
-(the first of its nearest parents: strongest Dn); other parents are listed on
-the node ("also under ..."). The HTML page is self-contained (inline CSS, JS
+Nodes are alias classes (`insight.concepts.hierarchy`): one node per class,
+shown by its representative, with its other members listed on it ("= name
+#id, ..."); a dense class is tagged. The DAG is drawn as a tree by hanging
+every class under its primary parent (the first of its nearest parents:
+strongest Dn); other parents are listed on the node ("also under ..."). The HTML page is self-contained (inline CSS, JS
 and data; no network): nodes collapse and expand, children are built on first
 expansion so tens of thousands of concepts stay responsive, and a search box
-finds concepts by name, candidate name or id and reveals them in the tree.
+finds concepts (aliases included) by name, candidate name or id and reveals
+their class in the tree.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from insight.concepts.table import Concept, ConceptTable
 
 
 def tree_children(table: ConceptTable) -> dict[int, list[int]]:
-    """Children under the primary-parent spanning tree, most frequent first."""
+    """Child classes (representatives) under the primary-parent spanning tree, most frequent first."""
     kids: dict[int, list[int]] = {c.id: [] for c in table}
     for c in table:
-        if c.parents:
+        if c.parents and c.is_representative:
             kids[c.parents[0]].append(c.id)
     for k in kids.values():
         k.sort(key=lambda i: (-table[i].frequency, i))
@@ -31,7 +34,9 @@ def tree_children(table: ConceptTable) -> dict[int, list[int]]:
 
 
 def _label(c: Concept) -> str:
-    return f"{c.name} #{c.id}"
+    """Representative name and id, how many aliases share the node, and a dense tag."""
+    extra = f" (+{len(c.aliases)} alias{'es' if len(c.aliases) > 1 else ''})" if c.aliases else ""
+    return f"{c.name} #{c.id}{extra}" + (" [dense]" if c.dense else "")
 
 
 def draw_tree_png(table: ConceptTable, path: str | os.PathLike[str], roots: int = 12, depth: int = 3,
@@ -47,7 +52,7 @@ def draw_tree_png(table: ConceptTable, path: str | os.PathLike[str], roots: int 
     import matplotlib.pyplot as plt
 
     kids = tree_children(table)
-    top = table.roots()[:roots]
+    top = [c for c in table.roots() if c.is_representative][:roots]
     # layout: leaves on consecutive rows, parents centred on their children
     pos: dict[object, tuple[float, float]] = {}
     labels: dict[object, tuple[str, int | None]] = {}
@@ -100,9 +105,10 @@ def draw_tree_png(table: ConceptTable, path: str | os.PathLike[str], roots: int 
     ax.set_xlim(-0.1, depth + 0.4)
     ax.set_ylim(n_rows, -1)
     ax.axis("off")
-    n_roots = len(table.roots())
-    ax.set_title(f"Concept hierarchy: top {len(top)} of {n_roots} roots by frequency, {depth} levels "
-                 f"({table.with_parents} of {len(table)} concepts have a parent)", fontsize=10, loc="left")
+    n_roots = sum(1 for c in table.roots() if c.is_representative)
+    ax.set_title(f"Concept hierarchy: top {len(top)} of {n_roots} root classes by frequency, {depth} levels "
+                 f"({table.with_parents} of {len(table)} concepts have a parent; {table.n_alias_classes} alias "
+                 "classes)", fontsize=10, loc="left")
     if groups:
         ax.legend(loc="upper right", fontsize=7, frameon=False, title="Matryoshka", title_fontsize=7)
     if not top:
@@ -145,6 +151,8 @@ function li(id){
   const row = el('div', 'row'); item.appendChild(row);
   const tog = el('span', 'tog', n.c.length ? '\u25b8' : '\u2022'); row.appendChild(tog);
   row.appendChild(el('span', 'nm', n.n)); row.appendChild(el('span', 'id', ' #' + id));
+  if (n.d) row.appendChild(el('span', 'g', 'dense'));
+  if (n.a.length) row.appendChild(el('span', 'info', '= ' + n.a.map(a => a.n + ' #' + a.i).join(', ')));
   row.appendChild(el('span', 'g', 'group ' + n.g)); row.appendChild(el('span', 'g', 'level ' + n.l));
   row.appendChild(el('span', 'info', (100 * n.f).toFixed(3) + '% of patches' + (n.c.length ? ', ' + n.c.length + ' children' : '')));
   const cands = el('span', 'info', n.k); row.appendChild(cands);
@@ -176,10 +184,12 @@ const tree = document.getElementById('tree'); D.roots.forEach(r => tree.appendCh
 const q = document.getElementById('q'), hits = document.getElementById('hits');
 q.oninput = () => {
   const t = q.value.trim().toLowerCase(); hits.textContent = ''; if (!t) return;
-  const found = D.nodes.filter(n => n.n.toLowerCase().includes(t) || n.k.toLowerCase().includes(t) || ('#' + n.i) === t || String(n.i) === t)
-    .sort((a, b) => b.f - a.f).slice(0, 60);
+  const match = x => x.n.toLowerCase().includes(t) || x.k.toLowerCase().includes(t) || ('#' + x.i) === t || String(x.i) === t;
+  const found = [];
+  D.nodes.forEach(n => [n].concat(n.a).forEach(x => { if (match(x)) found.push([x, n]); }));
+  found.sort((a, b) => b[0].f - a[0].f);
   if (!found.length){ hits.appendChild(el('div', null, 'no concept matches')); return; }
-  found.forEach(n => { const d = el('div', null, n.n + ' #' + n.i + '  (level ' + n.l + ', ' + (100 * n.f).toFixed(3) + '%)  ' + n.k); d.onclick = () => reveal(n.i); hits.appendChild(d); });
+  found.slice(0, 60).forEach(([x, n]) => { const d = el('div', null, x.n + ' #' + x.i + (x.i !== n.i ? ' (alias of ' + n.n + ' #' + n.i + ')' : '') + '  (level ' + n.l + ', ' + (100 * x.f).toFixed(3) + '%)  ' + x.k); d.onclick = () => reveal(n.i); hits.appendChild(d); });
 };
 document.getElementById('expand').onclick = () => { D.roots.forEach(function walk(id){ expand(id); N[id].c.forEach(walk); }); };
 document.getElementById('collapse').onclick = () => Object.keys(built).forEach(collapse);
@@ -190,13 +200,22 @@ def write_tree_html(table: ConceptTable, path: str | os.PathLike[str], title: st
     """The whole hierarchy as one self-contained HTML page (module doc)."""
     kids = tree_children(table)
     alive = [c for c in table if c.alive]
+    reps = [c for c in alive if c.is_representative]
+
+    def cands(c: Concept) -> str:
+        return ", ".join(f"{x.name} {x.score:.2f}" for x in c.candidates)
+
     nodes = [{"i": c.id, "n": c.name, "f": c.frequency, "l": c.level, "g": c.group, "p": c.parents,
-              "c": kids[c.id], "k": ", ".join(f"{x.name} {x.score:.2f}" for x in c.candidates)} for c in alive]
-    roots = [c.id for c in sorted(alive, key=lambda c: (-c.frequency, c.id)) if not c.parents]
+              "c": kids[c.id], "k": cands(c), "d": c.dense,
+              "a": [{"i": a, "n": table[a].name, "f": table[a].frequency, "k": cands(table[a])} for a in c.aliases]}
+             for c in reps]
+    roots = [c.id for c in sorted(reps, key=lambda c: (-c.frequency, c.id)) if not c.parents]
     data = json.dumps({"nodes": nodes, "roots": roots}, separators=(",", ":")).replace("</", "<\\/")
     dead = len(table) - len(alive)
-    meta = html.escape(f"{len(alive)} concepts that fired ({dead} never fired), {len(roots)} roots, "
-                       f"{table.with_parents} with a parent; tau={table.meta.get('tau')}, "
+    meta = html.escape(f"{len(alive)} concepts that fired ({dead} never fired) in {len(reps)} alias classes "
+                       f"({table.n_alias_classes} with more than one member), {len(roots)} root classes, "
+                       f"{table.with_parents} concepts with a parent, {sum(c.dense for c in alive)} dense "
+                       f"(active on more than {table.meta.get('dense_share')} of patches); tau={table.meta.get('tau')}, "
                        f"radius={table.meta.get('radius')}, named by {table.meta.get('naming')}; "
                        f"model {table.meta.get('model', '?')}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
