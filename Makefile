@@ -1,5 +1,5 @@
 # Set-up is part of every target: the virtual environment is created from
-# nothing when missing (pinned by constraints.txt for this environment) and
+# nothing when missing (with the pinned versions of constraints.txt) and
 # reused otherwise.
 PYTHON ?= python3.11
 VENV ?= .venv

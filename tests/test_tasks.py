@@ -122,7 +122,7 @@ def test_sliding_window_equals_single_pass(tiny_parts):
 
 
 def test_background_combines_confidence_and_dinoiser_saliency(tmp_path):
-    """With DINOiser heads, background = low max probability AND low saliency (METHOD.md section 5)."""
+    """With DINOiser heads, background = low max probability AND low saliency (docs/method.md, Tasks and explanations)."""
     from safetensors.torch import save_file
 
     from insight.backbones import build_backbone

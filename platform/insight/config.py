@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Reference group fractions of METHOD.md section 2 (paper profile, depth 6).
+# Reference group fractions (docs/method.md, Sparse autoencoder; paper profile, depth 6).
 REFERENCE_FRACTIONS = (0.008, 0.03, 0.06, 0.12, 0.24, 0.542)
 
 DEFAULT_TEMPLATES = (
@@ -234,7 +234,7 @@ class TrainConfig(Section):
 class DinoiserTrainConfig(Section):
     """`insight train-dinoiser`: the CLIP-DINOiser heads, distilled from a frozen timm ViT.
 
-    Defaults are the reference setting (METHOD.md section 1); the targets are
+    Defaults are the reference setting (docs/method.md, Features); the targets are
     documented in `insight.training.dinoiser`.
     """
 
@@ -334,7 +334,7 @@ class SweepConfig(Section):
 
 
 class ConceptsConfig(Section):
-    """`insight concepts`: relations, hierarchy, names and galleries (METHOD.md sections 3-4)."""
+    """`insight concepts`: relations, hierarchy, names and galleries (docs/method.md, Relations and Naming)."""
 
     eps: float = Field(0.001, ge=0, description="A concept is active on a patch when z > eps.")
     tau: float = Field(

@@ -1,4 +1,4 @@
-"""CLIP-DINOiser refinement heads (METHOD.md section 1).
+"""CLIP-DINOiser refinement heads (docs/method.md, Features).
 
 The heads are a small state dict with the published key names
 ``obj_proj.weight/bias`` (256x768x3x3, replicate padding) and
@@ -9,7 +9,7 @@ feature over the patches it correlates with (correlation >= gamma).
 ``bkg_decoder`` reads channel-wise L2-normalised features, as in the reference
 CLIP-DINOiser forward pass the published heads were trained with. Its output is
 a saliency score (high = object): segmentation treats low-saliency patches as
-background (METHOD.md section 5). ``insight train-dinoiser``
+background (docs/method.md, Tasks and explanations). ``insight train-dinoiser``
 (`insight.training.dinoiser`) trains both heads through these same methods.
 """
 

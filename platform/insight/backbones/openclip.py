@@ -1,4 +1,4 @@
-"""open_clip backbone with the MaskCLIP value path (METHOD.md section 1).
+"""open_clip backbone with the MaskCLIP value path (docs/method.md, Features).
 
 Plain CLIP patch tokens localise poorly. The value path runs the last block
 without attention mixing (value + out projection + residual, then the MLP with

@@ -1,4 +1,4 @@
-"""Concepts of a trained SAE: relations, hierarchy, names, galleries (METHOD.md sections 3-4).
+"""Concepts of a trained SAE: relations, hierarchy, names, galleries (docs/method.md, Relations and Naming).
 
 `insight concepts --model REF` runs `mine_concepts`: one streaming pass over an
 activation cache (`stats`), a cycle-free transitively reduced hierarchy

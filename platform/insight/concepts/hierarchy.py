@@ -1,4 +1,4 @@
-"""From co-occurrence to a sound concept hierarchy (docs/method.md, relations).
+"""From co-occurrence to a sound concept hierarchy (docs/method.md, Relations).
 
 Relations keep the paper's definition: ``raw_parents`` lists, per concept i,
 every j != i with Dn[i,j] > tau ("wherever i fires, j fires too": j covers i).

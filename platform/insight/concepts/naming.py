@@ -1,4 +1,4 @@
-"""Naming concepts by their nearest words in the joint space (METHOD.md section 4).
+"""Naming concepts by their nearest words in the joint space (docs/method.md, Naming).
 
 Two methods, both always computed:
 

@@ -1,4 +1,4 @@
-"""Streaming concept statistics over an activation cache (METHOD.md section 3).
+"""Streaming concept statistics over an activation cache (docs/method.md, Relations).
 
 One pass over the cache's patch tokens gives, for every concept i of an SAE:
 

@@ -1,4 +1,4 @@
-"""The concept table: one row per concept, stored as Parquet and JSON (DESIGN.md formats).
+"""The concept table: one row per concept, stored as Parquet and JSON beside the model.
 
 Row schema (Parquet types; the JSON file holds the same rows as objects):
 

@@ -1,4 +1,4 @@
-"""The naming vocabulary: words and their text embeddings (METHOD.md section 4).
+"""The naming vocabulary: words and their text embeddings (docs/method.md, Naming).
 
 Words come from `wordfreq` (the most frequent English words, a stand-in for the
 reference 20k-word frequency list) plus optional user words, word files and

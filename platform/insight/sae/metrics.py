@@ -1,4 +1,4 @@
-"""Evaluation metrics of an SAE as plain functions of tensors (METHOD.md section 2).
+"""Evaluation metrics of an SAE as plain functions of tensors (docs/method.md, Sparse autoencoder).
 
 Usable from a notebook or the trainer alike; none of them needs the model.
 """

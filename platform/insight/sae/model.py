@@ -1,4 +1,4 @@
-"""The Matryoshka BatchTopK sparse autoencoder (METHOD.md section 2).
+"""The Matryoshka BatchTopK sparse autoencoder (docs/method.md, Sparse autoencoder).
 
 The model knows how to encode and decode, nothing about losses: the objective
 lives in ``objectives.py``. Shapes: x_bd (B, D) patch vectors, z_bm (B, M)

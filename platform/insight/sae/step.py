@@ -1,6 +1,6 @@
 """One SAE training step, the optimizer it expects, and checkpoints.
 
-``train_step`` is the whole update of METHOD.md section 2 on one batch; a
+``train_step`` is the whole update of docs/method.md (Sparse autoencoder) on one batch; a
 distributed trainer wraps the model in DDP (the step calls ``model(x)`` so
 DDP's hooks fire) and passes ``reduce_fired`` / ``reduce_min`` so that the
 dead-concept counters and the inference threshold agree across workers.

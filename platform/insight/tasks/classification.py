@@ -1,6 +1,6 @@
 """Image classification through concepts: zero-shot and a concept-bottleneck probe.
 
-Zero-shot (METHOD.md section 5, the classification analogue of segmentation):
+Zero-shot (docs/method.md, Tasks and explanations; the classification analogue of segmentation):
 the image's patch vectors are mean-pooled, and the class logit is the cosine
 of the pooled vector with the class text vector; through concepts the pooled
 vector is the pooled reconstruction, mean_p x^(p) = (mean_p z(p)) W_dec + b_dec,

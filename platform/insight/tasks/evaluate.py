@@ -1,6 +1,6 @@
 """`insight evaluate`: tasks through concepts against the opaque backbone, over a dataset.
 
-The claim being tested (METHOD.md section 5): going through the concept
+The claim being tested (docs/method.md, Tasks and explanations): going through the concept
 bottleneck costs little against the opaque backbone. So every number is
 reported side by side: through concepts, opaque, their ratio (and the mIoU
 difference in points).

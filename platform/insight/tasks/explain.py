@@ -1,4 +1,4 @@
-"""Exact concept-level explanations (METHOD.md section 5).
+"""Exact concept-level explanations (docs/method.md, Tasks and explanations).
 
 The reconstruction is x^(p) = sum_i z_i(p) d_i + b_dec, so a class logit taken
 on it splits exactly into one term per active concept plus a bias term:

@@ -13,7 +13,7 @@ Background (datasets whose label 0 is background): a pixel becomes background
 when its max probability is below ``tasks.bg_threshold`` and, when the
 backbone has DINOiser heads, its background saliency is also low
 (< ``tasks.saliency_threshold``); without heads the probability test alone
-decides (METHOD.md section 5).
+decides (docs/method.md, Tasks and explanations).
 """
 
 from __future__ import annotations

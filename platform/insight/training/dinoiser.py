@@ -1,6 +1,6 @@
 """`insight train-dinoiser`: train the CLIP-DINOiser refinement heads with Ray Train.
 
-What is learned (METHOD.md section 1). CLIP stays frozen. Both heads read the
+What is learned (docs/method.md, Features). CLIP stays frozen. Both heads read the
 output of the second layer norm of block ``backbone.dinoiser.block`` (the
 third-from-last by default) on a ``dinoiser_train.crop`` crop:
 
