@@ -34,10 +34,12 @@ class ConceptRow:
     alias_class: int | None = None  # representative of its alias class (concepts related both ways)
     aliases: list[int] = field(default_factory=list)
     dense: bool = False
+    distinct: str | None = None  # the name told apart from same-named concepts (`distinct_labels`)
 
     @property
     def label(self) -> str:
-        return self.name if self.name else f"#{self.id}"
+        """What a person reads: the distinct label, else the name, else '#id'."""
+        return self.distinct or self.name or f"#{self.id}"
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -138,6 +140,8 @@ class ConceptIndex:
     @classmethod
     def from_table(cls, table: Any, ends: list[int], loaded: Any) -> ConceptIndex:
         """From an `insight.concepts.table.ConceptTable` (an iterable of `Concept` rows)."""
+        from insight.concepts.galleries import gallery_name
+
         groups = cls._group_of(ends)
         rows = [ConceptRow(id=i, level=g, group=g) for i, g in enumerate(groups)]
         folders = cls._table_folders(loaded)
@@ -163,8 +167,14 @@ class ConceptIndex:
             row.alias_class = int(alias) if alias is not None and 0 <= int(alias) < len(rows) else cid
             row.aliases = [a for a in _ids(_get(rec, "aliases")) if 0 <= a < len(rows) and a != cid][:200]
             row.dense = bool(_get(rec, "dense") or False)
-            row.gallery = next((f / "galleries" / f"concept-{cid}.png" for f in folders
-                                if (f / "galleries" / f"concept-{cid}.png").is_file()), None)
+            row.gallery = next((f / "galleries" / gallery_name(cid) for f in folders
+                                if (f / "galleries" / gallery_name(cid)).is_file()), None)
+        from insight.concepts.naming import distinct_labels
+
+        labels = distinct_labels([(r.id, r.name, [str(c["name"]) for c in r.candidates], r.frequency)
+                                  for r in rows if r.name])
+        for cid, lab in labels.items():
+            rows[cid].distinct = lab
         return cls(rows, named=named, source="concept table")
 
     @staticmethod

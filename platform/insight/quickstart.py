@@ -101,7 +101,7 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
         ds = build_dataset(cfg.data, cfg.workdir)
         image = next((Path(r.path) for r in ds.records if r.image_id == "chelsea"), Path(ds.records[0].path))
         served = _explain_once(cfg, model_ref, uri, image, config_path, list(sets or [])) | {"image": str(image)}
-        names = [c.get("name") for c in served["response"].get("concepts", [])]
+        names = [c.get("label", c.get("name")) for c in served["response"].get("concepts", [])]
         _say(5, f"{served['url']}/v1/explain on {image.name}: top concepts {names}", t0)
 
     _say(6, "writing the report ...", t0)
@@ -112,7 +112,7 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
         "concepts": co["concepts"], "concepts_alive": co["alive"], "concepts_with_parent": co["with_parents"],
         "miou_concepts": ev.get("miou_concepts"), "miou_opaque": ev.get("miou_opaque"),
         "evaluation_ratio": ev.get("miou_ratio"), "served_url": served.get("url"),
-        "explain_top_concepts": [c.get("name") for c in served.get("response", {}).get("concepts", [])],
+        "explain_top_concepts": [c.get("label", c.get("name")) for c in served.get("response", {}).get("concepts", [])],
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
         "serve_again": f"insight serve --model {model_ref} --set tracking.uri={uri}",
         "cache": ex["cache"], "seconds": round(time.perf_counter() - t0, 1),
@@ -159,7 +159,7 @@ def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figur
             "Served explanation", f"POST {served['url']}/v1/explain with {Path(served['image']).name} returned these "
             "top concepts; each heatmap (one value per patch) is laid over the part of the photo the model saw.",
             figures=[Figure(picture, "top concepts of the served answer")] if picture else [],
-            table=[{k: (" › ".join(str(n.get("name")) for n in v) if k == "path" and isinstance(v, list) else v)
+            table=[{k: (" › ".join(str(n.get("label", n.get("name"))) for n in v) if k == "path" and isinstance(v, list) else v)
                     for k, v in c.items() if k not in ("heatmap_png", "heatmap", "heatmap_raw")}
                    for c in resp.get("concepts", [])]))
     meta = {"backbone": _backbone_that_ran(cfg, ex["cache"]), "cache": ex["key"], "tokens": ex["tokens"], "model": sw["model"]}
@@ -203,7 +203,7 @@ def _explain_picture(served: dict[str, Any], path: Path, side: int = 224) -> Pat
         with Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"]))) as hm:
             heat = hm.convert("RGBA").resize((side, side), Image.Resampling.BILINEAR)
         ax.imshow(Image.alpha_composite(view, heat))
-        ax.set_title(f"{c.get('name')} #{c.get('id')}\nscore {c.get('score', 0):.3f}", fontsize=8)
+        ax.set_title(f"{c.get('label', c.get('name'))} #{c.get('id')}\nscore {c.get('score', 0):.3f}", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
@@ -244,6 +244,6 @@ def _concept_rows(table_path: str | None, n: int = 25) -> list[dict[str, Any]]:
     except (OSError, ValueError):
         return []
     rows = sorted(table, key=lambda r: -r.frequency)[:n]
-    return [{"id": r.id, "name": r.name, "group": r.group, "level": r.level, "frequency": round(r.frequency, 4),
-             "parents": ", ".join(table[p].name for p in r.parents[:3]),
+    return [{"id": r.id, "name": table.label(r.id), "group": r.group, "level": r.level,
+             "frequency": round(r.frequency, 4), "parents": ", ".join(table.label(p) for p in r.parents[:3]),
              "candidates": ", ".join(c.name for c in r.candidates[:3])} for r in rows]

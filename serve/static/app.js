@@ -106,7 +106,7 @@ async function renderConcepts() {
       onclick: () => select(c.id) },
       thumb,
       el("span", { class: "name" }, c.label),
-      el("span", { class: "meta" }, `level ${c.level} · peak ${fmt(c.score, 2)} · ${Math.round(100 * c.area)}% of patches`));
+      el("span", { class: "meta" }, `#${c.id} · level ${c.level} · peak ${fmt(c.score, 2)} · ${Math.round(100 * c.area)}% of patches`));
     list.append(card);
   }
 }

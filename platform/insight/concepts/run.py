@@ -103,7 +103,6 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
 
     from insight import tracking
     from insight.cache import CacheReader
-    from insight.cache.extract import ensure_ray
     from insight.concepts.galleries import draw_galleries
     from insight.concepts.hierarchy import build_hierarchy, raw_parents, sparse_rows
     from insight.concepts.naming import decoder_names, family_names
@@ -111,11 +110,13 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
     from insight.concepts.table import Relations
     from insight.concepts.tree import draw_tree_png, write_tree_html
     from insight.concepts.vocabulary import build_vocabulary
+    from insight.runtime import ensure_ray
     from insight.tracking import load_model
 
     c = cfg.concepts
     t_start = time.perf_counter()
     ref = model_ref or tracking.champion_ref(cfg)
+    tracking.check_model(ref, cfg.tracking.resolved_uri(cfg.workdir))  # no store made for a missing model
     uri = tracking.setup(cfg)
     client = mlflow.MlflowClient(uri)
     with tempfile.TemporaryDirectory(prefix="insight-concepts-") as tmp, \
@@ -159,8 +160,10 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
         w_dec = sae.W_dec.detach().cpu().numpy()
         b_dec = sae.b_dec.detach().cpu().numpy()
         mean_csr = stats.mean_vectors()
-        names = {"decoder": decoder_names(w_dec, vocab, c.candidates),
-                 "family": family_names(w_dec, b_dec, mean_csr, family, vocab, c.candidates, c.family_scale)}
+        fired = stats.count_m > 0  # hubness (csls) is measured against the concepts that fired
+        names = {"decoder": decoder_names(w_dec, vocab, c.candidates, c.name_score, c.csls_k, fired),
+                 "family": family_names(w_dec, b_dec, mean_csr, family, vocab, c.candidates, c.family_scale,
+                                        c.name_score, c.csls_k, fired)}
         groups = _groups_of(sae)
         meta = {"model": model.uri, "model_ref": ref, "model_run_id": model.run_id, "model_version": model.version,
                 "cache": location, "cache_key": reader.key, "split": c.split, "tokens": stats.tokens,
@@ -168,7 +171,9 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
                 "group_sizes": list(sae.group_sizes), "tau": c.tau, "eps": c.eps, "radius": c.radius,
                 "dense_share": c.dense_share, "dense_parents": c.dense_parents, "family_members": c.family_members,
                 "top_n": c.top_n, "naming": c.naming, "family_scale": c.family_scale,
-                "vocabulary": {"source": vocab.source, "size": len(vocab), "key": vocab.key},
+                "name_score": c.name_score, "csls_k": c.csls_k,
+                "vocabulary": {"source": vocab.source, "kind": c.vocabulary if vocab.source != "cache" else "cache",
+                               "size": len(vocab), "key": vocab.key},
                 "step_run_id": run.info.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         table = build_table(stats, hier, vocab, names, groups, c.naming, meta)
         timings["naming"] = time.perf_counter() - t1

@@ -179,6 +179,17 @@ class ConceptTable:
         except KeyError:
             raise KeyError(f"no concept with id {concept_id} (the table has ids 0..{len(self) - 1})") from None
 
+    def label(self, concept_id: int) -> str:
+        """What a person reads for the concept: its name, told apart from other concepts with the same name
+        (``name (next distinguishing candidate)`` or ``name #id``; `insight.concepts.naming.distinct_labels`)."""
+        labels = self.__dict__.get("_labels")
+        if labels is None:
+            from insight.concepts.naming import distinct_labels
+
+            labels = self._labels = distinct_labels([(c.id, c.name, [x.name for x in c.candidates], c.frequency)
+                                                     for c in self.concepts])
+        return labels[self.by_id(concept_id).id]
+
     def by_name(self, name: str) -> list[Concept]:
         """Concepts whose final name is ``name`` (case-insensitive), most frequent first."""
         return sorted(self._by_name.get(name.lower(), []), key=lambda c: -c.frequency)

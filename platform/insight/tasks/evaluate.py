@@ -5,6 +5,21 @@ bottleneck costs little against the opaque backbone. So every number is
 reported side by side: through concepts, opaque, their ratio (and the mIoU
 difference in points).
 
+A ratio alone does not say why concepts lose, so segmentation also reports
+what explains it: reconstruction fidelity of the patches the segmenter saw
+(``recon_cosine``, mean per-patch cos(x, x^), and ``recon_fvu``, both as the
+SAE's training metrics define them, plus the mean of each window's own FVU),
+the inference ``l0``, the share of patches whose arg-max class is the same
+both ways (``argmax_agreement``), mIoU with the background rule off
+(``miou_fg_*``: every pixel gets its arg-max class, scored on the pixels
+annotated with a foreground class, so the fixed ``tasks.bg_threshold`` no
+longer favours one route's logit scale), the majority-class baseline
+(``miou_majority``: every pixel labelled with the most frequent true class),
+and the "concepts + residual" route (x = x^ + (x - x^): concept terms plus
+a residual term), which must reproduce the opaque labels
+(``residual_equals_opaque``). Per-image figures go to
+``per_image_segmentation.csv``.
+
 Flow: the driver resolves the label space (`resolve_classes`) and the images
 (`select_records`), then a Ray Data pool of model replicas (`EvalWorker`, one
 per ``tasks.num_workers``, GPUs with ``tasks.gpus_per_worker``) segments and
@@ -48,9 +63,11 @@ from insight.tasks.metrics import (
     confusion_matrix,
     finite_or_none,
     iou_per_class,
+    majority_confusion,
     mean_iou,
     pixel_accuracy,
     ratio,
+    reconstruction_fidelity,
     topk_accuracy,
 )
 
@@ -139,7 +156,12 @@ def resolve_classes(tasks, dataset, records=None) -> LabelSpace:
     else:
         names = list(dataset.class_names)
         bg_default = bool(names) and names[0].lower() == "background"
-    background = tasks.background if tasks.background is not None else bg_default
+    rule = tasks.background if isinstance(tasks.background, str) else None  # threshold|prompted: how, not whether
+    if tasks.background is None or rule:
+        has_bg = bg_default or (rule is not None and names[:1] == ["background"])
+    else:
+        has_bg = tasks.background
+    background = (rule or True) if has_bg else False  # truthy = label 0 is background; ClassBank reads the rule
     if background and spec is None and dataset.kind == "coco" and names[:1] != ["background"]:
         names = ["background", *names]
     if len(names) - (1 if background else 0) < 1:
@@ -272,6 +294,15 @@ def _safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") or "image"
 
 
+def _fold(total: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> None:
+    """Add diagnostic statistics into ``total`` (``max_*`` keys keep the maximum)."""
+    for key, value in part.items():
+        if key not in total:
+            total[key] = np.asarray(value)
+        else:
+            total[key] = np.maximum(total[key], value) if key.startswith("max_") else total[key] + value
+
+
 def _pack(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -344,6 +375,8 @@ class EvalWorker:
         pictures: dict[str, bytes] = {}
         explanations: dict[str, Any] = {}
         seg_images = 0
+        per_image: list[dict[str, Any]] = []
+        diag: dict[str, np.ndarray] = {}  # summed sufficient statistics of the diagnostics (`_diagnose`)
         for idx in batch["index"]:
             rec = self.records[int(idx)]
             rgb, why = load_image(rec.path)
@@ -365,9 +398,13 @@ class EvalWorker:
                 if gt is None:
                     skipped[rec.image_id] = "no mask"
                     continue
-                seg = self.segmenter.segment_both(rgb)
+                wf = self.segmenter.encode(rgb)
+                seg = {v: self.segmenter.segment_features(wf, v) for v in VIAS}
                 for v in VIAS:
                     conf[v] += confusion_matrix(gt, seg[v].labels_hw, k)
+                row, parts = self._diagnose(rec.image_id, wf, seg, gt)
+                per_image.append(row)
+                _fold(diag, parts)
                 seg_images += 1
             clsres = None
             if self.spec["cls"]:
@@ -392,6 +429,7 @@ class EvalWorker:
                 if expl is not None:
                     explanations[name] = expl
         arrays: dict[str, np.ndarray] = {f"conf_{v}": conf[v] for v in VIAS}
+        arrays.update({f"diag_{key}": np.asarray(value) for key, value in diag.items()})
         f = len(self.space.fg_names)
         arrays["cls_labels"] = np.asarray(cls["labels"], np.int64)
         for v in VIAS:
@@ -401,8 +439,62 @@ class EvalWorker:
         for name, png in pictures.items():
             arrays[f"png:{name}"] = np.frombuffer(png, np.uint8)
         meta = {"skipped": skipped, "cls_ids": cls["ids"], "explanations": explanations, "seg_images": seg_images,
+                "per_image": per_image,
                 "images": len(batch["index"]), "seconds": time.perf_counter() - t0}
         return {"payload": np.array([_pack(arrays)], dtype=object), "meta": np.array([json.dumps(meta)], dtype=object)}
+
+    # ------------------------------------------------------------ diagnostics
+
+    def _diagnose(self, image_id: str, wf, seg, gt: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What explains a gap between the routes, for one image: its figures and summable statistics.
+
+        Reconstruction fidelity of the patches the segmenter saw (per window and pooled), inference
+        L0, patch-level arg-max agreement of the class logits, the "concepts + residual" route
+        (which must give the opaque labels), mIoU with the background rule off, and the
+        majority-class baseline.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from insight.sae import cosine
+
+        k = len(self.space.names)
+        offset = self.space.offset
+        sae = self.segmenter.sae
+        codes = seg["concepts"].decomposition.codes
+        x = wf.feats_pd.to(sae.W_dec.device, sae.W_dec.dtype)
+        with torch.no_grad():
+            x_hat = codes.decode(sae)
+            fid = reconstruction_fidelity(x, x_hat, wf.plan.n_windows)
+            text = F.normalize(self.segmenter.bank.text_fd.to(x), dim=-1)
+            agree = float((seg["concepts"].decomposition.logits().argmax(1) == (F.normalize(x, dim=-1) @ text.T)
+                           .argmax(1)).float().mean())
+            residual = self.segmenter.segment_features(wf, "residual")
+            xd = x.double()
+            parts = {"n": np.array(len(x), np.float64), "sum_x": xd.sum(0).cpu().numpy(),
+                     "sum_sq": np.array(float((xd**2).sum())),
+                     "err": np.array(float(((xd - x_hat.double()) ** 2).sum())),
+                     "cos_sum": np.array(cosine(x, x_hat) * len(x)), "nnz": np.array(float(codes.nnz)),
+                     "agree": np.array(agree * len(x)),
+                     "max_residual_diff": np.array(float((residual.logits_fhw - seg["opaque"].logits_fhw).abs().max())),
+                     "residual_mismatch": np.array(float((residual.labels_hw != seg["opaque"].labels_hw).sum()))}
+        gt_fg = np.where(gt >= offset, gt, IGNORE_INDEX) if offset else gt
+        conf_img = {v: confusion_matrix(gt, seg[v].labels_hw, k) for v in VIAS}
+        conf_fg = {v: confusion_matrix(gt_fg, seg[v].logits_fhw.argmax(0).numpy() + offset, k) for v in VIAS}
+        for v in VIAS:
+            parts[f"conf_fg_{v}"] = conf_fg[v]
+        miou = {v: mean_iou(conf_img[v]) for v in VIAS}
+        miou_fg = {v: mean_iou(conf_fg[v]) for v in VIAS}
+        row = {"image": image_id, "windows": wf.plan.n_windows, "patches": len(x),
+               "classes_present": int((conf_img["opaque"].sum(1) > 0).sum()),
+               "miou_concepts": miou["concepts"], "miou_opaque": miou["opaque"],
+               "miou_ratio": ratio(miou["concepts"], miou["opaque"]),
+               "miou_majority": mean_iou(majority_confusion(conf_img["opaque"])),
+               "miou_fg_concepts": miou_fg["concepts"], "miou_fg_opaque": miou_fg["opaque"],
+               "recon_cosine": fid["cosine"], "recon_fvu": fid["fvu"], "recon_fvu_window_mean": fid["fvu_window_mean"],
+               "recon_cosine_window_min": fid["cosine_window_min"], "l0": codes.nnz / max(1, len(x)),
+               "argmax_agreement": agree, "residual_equals_opaque": bool(parts["residual_mismatch"] == 0)}
+        return {key: finite_or_none(v) if isinstance(v, float) else v for key, v in row.items()}, parts
 
     # ------------------------------------------------------------ pictures
 
@@ -456,7 +548,7 @@ def _run_pool(cfg, spec: dict[str, Any], records: list) -> list[tuple[dict[str, 
     import ray.data
     from tqdm import tqdm
 
-    from insight.cache.extract import ensure_ray
+    from insight.runtime import ensure_ray
 
     ensure_ray(cfg)
     t = cfg.tasks
@@ -513,6 +605,7 @@ def evaluate(cfg, model_ref: str | None = None, task: str = "auto", probe: bool 
 
     model_ref = model_ref or tracking.champion_ref(cfg)
     t0 = time.perf_counter()
+    tracking.check_model(model_ref, cfg.tracking.resolved_uri(cfg.workdir))  # no store made for a missing model
     uri = tracking.setup(cfg)
     with tempfile.TemporaryDirectory(prefix="insight-eval-") as tmp:
         model = load_model(model_ref, tracking_uri=uri, dst=tmp)
@@ -552,10 +645,14 @@ def _evaluate(cfg, model, model_ref: str, uri: str, task: str, probe: bool, t0: 
         explanations: dict[str, Any] = {}
         seg_images = 0
         pictures: list[str] = []
+        diag: dict[str, np.ndarray] = {}
+        per_image: list[dict[str, Any]] = []
         for arrays, meta in batches:
             skipped.update(meta["skipped"])
             explanations.update(meta["explanations"])
             seg_images += meta["seg_images"]
+            per_image += meta.get("per_image", [])
+            _fold(diag, {key[5:]: arrays[key] for key in arrays if key.startswith("diag_")})
             for key in arrays:
                 if key.startswith("png:"):
                     path = write_atomic(out_dir / "pictures" / key[4:], arrays[key].tobytes())
@@ -570,6 +667,8 @@ def _evaluate(cfg, model, model_ref: str, uri: str, task: str, probe: bool, t0: 
                         ", ".join(f"{i} ({w})" for i, w in list(skipped.items())[:5]))
         if seg:
             result.update(_segmentation_metrics(conf, space, seg_images, out_dir))
+            if diag:
+                result.update(_diagnostics(diag, per_image, conf, out_dir))
         if cls:
             result.update(_classification_metrics(batches, space, out_dir))
         if probe:
@@ -611,6 +710,45 @@ def _segmentation_metrics(conf: dict[str, np.ndarray], space: LabelSpace, images
                          else math.nan),
         "pixel_acc_concepts": _r(pixel_accuracy(conf["concepts"])), "pixel_acc_opaque": _r(pixel_accuracy(conf["opaque"])),
         "per_class_segmentation": str(out_dir / "per_class_segmentation.csv"),
+    }
+
+
+PER_IMAGE_COLUMNS = ["image", "classes_present", "miou_concepts", "miou_opaque", "miou_ratio", "miou_majority",
+                     "miou_fg_concepts", "miou_fg_opaque", "recon_cosine", "recon_fvu", "recon_fvu_window_mean",
+                     "recon_cosine_window_min", "l0", "argmax_agreement", "residual_equals_opaque", "windows",
+                     "patches"]
+
+
+def _diagnostics(diag: dict[str, np.ndarray], per_image: list[dict[str, Any]], conf: dict[str, np.ndarray],
+                 out_dir: Path) -> dict[str, Any]:
+    """Dataset-level diagnostics from the replicas' summed statistics, and the per-image table.
+
+    The reconstruction figures are those of the SAE's training metrics (FVU against the mean of all
+    evaluated patches, mean per-patch cosine) on the patches the segmenter saw, so they compare with
+    the sweep's validation FVU; the window figures average each window's own FVU and cosine.
+    """
+    n = float(diag["n"])
+    sum_x = diag["sum_x"].astype(np.float64)
+    total_var = float(diag["sum_sq"]) - float(sum_x @ sum_x) / max(n, 1.0)
+    fg = {v: mean_iou(diag[f"conf_fg_{v}"]) for v in VIAS}
+    rows = sorted(per_image, key=lambda r: r["image"])
+    _write_csv(out_dir / "per_image_segmentation.csv", PER_IMAGE_COLUMNS,
+               [[_r(r[c]) if isinstance(r[c], float) else r[c] for c in PER_IMAGE_COLUMNS] for r in rows])
+    import mlflow
+
+    mlflow.log_table({c: [r[c] for r in rows] for c in PER_IMAGE_COLUMNS}, "tables/per_image_segmentation.json")
+    window_fvu = [r["recon_fvu_window_mean"] for r in rows if r["recon_fvu_window_mean"] is not None]
+    return {
+        "recon_cosine": _r(float(diag["cos_sum"]) / n), "recon_fvu": _r(float(diag["err"]) / max(total_var, 1e-30)),
+        "recon_fvu_window_mean": _r(float(np.mean(window_fvu))) if window_fvu else None,
+        "l0": _r(float(diag["nnz"]) / n), "patches": int(n),
+        "argmax_agreement": _r(float(diag["agree"]) / n),
+        "residual_equals_opaque": bool(float(diag["residual_mismatch"]) == 0),
+        "residual_max_logit_diff": float(diag["max_residual_diff"]),
+        "miou_majority": _r(mean_iou(majority_confusion(conf["opaque"]))),
+        "miou_fg_concepts": _r(fg["concepts"]), "miou_fg_opaque": _r(fg["opaque"]),
+        "miou_fg_ratio": _r(ratio(fg["concepts"], fg["opaque"])),
+        "per_image_segmentation": str(out_dir / "per_image_segmentation.csv"),
     }
 
 

@@ -5,15 +5,23 @@ can call it per request; `insight evaluate` runs the same function over a
 dataset. Per patch, the class logit is cos(x, t_c) with t_c the class name
 embedded over the prompt templates, and x either the backbone feature
 (``via="opaque"``, the reference) or its SAE reconstruction
-x^ = z W_dec + b_dec (``via="concepts"``). Logits go to pixels through the
+x^ = z W_dec + b_dec (``via="concepts"``); ``via="residual"`` adds the
+residual x - x^ back as one more term, so it equals the opaque route and says
+how much of each opaque logit the concepts carry (`Segmenter.residual_logits`).
+Logits go to pixels through the
 sliding-window assembly (`insight.tasks.windows`), are turned into
 probabilities with softmax(temperature * logit), and the arg-max is the label.
 
-Background (datasets whose label 0 is background): a pixel becomes background
+Background (datasets whose label 0 is background), ``tasks.background``:
+``threshold`` (our default): label 0 gets no prompt; a pixel becomes background
 when its max probability is below ``tasks.bg_threshold`` and, when the
 backbone has DINOiser heads, its background saliency is also low
 (< ``tasks.saliency_threshold``); without heads the probability test alone
-decides (docs/method.md, Tasks and explanations).
+decides (docs/method.md, Tasks and explanations). ``prompted`` (the reference
+setting): the word "background" is prompted and competes in the softmax with
+the other classes; with DINOiser heads, pixels whose max probability is below
+the threshold and whose saliency is low also become background. Either way
+``logits_fhw`` and the explanations cover the foreground classes only.
 """
 
 from __future__ import annotations
@@ -31,34 +39,46 @@ from insight.data.classes import BackgroundOffset
 from insight.tasks.explain import Decomposition, PatchCodes, decompose, encode_sparse
 from insight.tasks.windows import SlidePlan, assemble, plan_windows, window_pixels
 
-Via = Literal["concepts", "opaque"]
-VIAS: tuple[Via, ...] = ("concepts", "opaque")
+Via = Literal["concepts", "opaque", "residual"]
+VIAS: tuple[Via, ...] = ("concepts", "opaque")  # the two routes compared; "residual" is their bridge
 
 
 @dataclass
 class ClassBank(BackgroundOffset):
     """The label set of a task: names (label i = names[i]) and the text vectors of the prompted ones.
 
-    With ``background``, label 0 is background and gets no prompt; the text
-    rows are then for labels 1..K-1 ("foreground" classes).
+    With ``background``, label 0 is background; the text rows are then for
+    labels 1..K-1 ("foreground" classes). A prompted background (the
+    reference rule, module doc) has its own vector in ``background_text_d``.
     """
 
     names: list[str]
     background: bool
     text_fd: Tensor  # (F, D) unit vectors of the foreground classes
+    background_text_d: Tensor | None = None  # (D,) label 0's prompt when the background is prompted
 
     @classmethod
-    def build(cls, backbone, names: Sequence[str], templates: Sequence[str], background: bool = False) -> ClassBank:
-        """Embed every foreground name over the templates (readable prompt words, see data.classes)."""
+    def build(cls, backbone, names: Sequence[str], templates: Sequence[str],
+              background: bool | str | None = False) -> ClassBank:
+        """Embed every foreground name over the templates (readable prompt words, see data.classes).
+
+        ``background``: False/None (no background label), True or "threshold" (label 0 unprompted), or
+        "prompted" (label 0 prompted with its name, e.g. "background")."""
         from insight.backbones import embed_classnames
         from insight.data.classes import prompt_name
 
+        if background not in (False, None, True, "threshold", "prompted"):
+            raise ValueError(f"background must be false, true, 'threshold' or 'prompted', got {background!r}")
         names = [str(n) for n in names]
-        fg = names[1:] if background else names
+        has_bg = bool(background)
+        fg = names[1:] if has_bg else names
         if not fg:
             raise ValueError(f"no classes to prompt in {names} (background={background})")
         text = embed_classnames(backbone, [prompt_name(n) for n in fg], list(templates))
-        return cls(names, background, text)
+        bg_text = None
+        if background == "prompted":
+            bg_text = embed_classnames(backbone, [prompt_name(names[0])], list(templates))[0]
+        return cls(names, has_bg, text, bg_text)
 
 
 @dataclass
@@ -167,8 +187,10 @@ class Segmenter:
         text = self.bank.text_fd
         if via == "opaque":
             return F.normalize(wf.feats_pd, dim=-1) @ text.to(wf.feats_pd).T, None
+        if via == "residual":  # equals the opaque logits; the split lives in `residual_logits`
+            return self.residual_logits(wf)[0], None
         if via != "concepts":
-            raise ValueError(f"via must be one of {VIAS}, got {via!r}")
+            raise ValueError(f"via must be one of {(*VIAS, 'residual')}, got {via!r}")
         if self.sae is None:
             raise ValueError("segmentation through concepts needs an SAE; this Segmenter has none")
         codes: PatchCodes = encode_sparse(self.sae, wf.feats_pd)
@@ -176,6 +198,33 @@ class Segmenter:
         x_pd = codes.decode(self.sae)
         logits = (x_pd @ F.normalize(text.to(x_pd), dim=-1).T) / dec.norm_p[:, None]
         return logits.float(), dec
+
+    def residual_logits(self, wf: WindowFeatures) -> tuple[Tensor, Tensor, Decomposition]:
+        """The "concepts + residual" route: the opaque logits split into concept terms and a residual.
+
+        x = x^ + r with r = x - x^, so cos(x, t_c) = [x^ . t_c + r . t_c] / ||x||. The returned
+        decomposition holds the concept and bias terms over the feature's own norm ||x||, so
+        ``dec.logits() + residual_pf`` are the opaque logits (up to rounding): how much of each opaque
+        logit the concepts carry and how much they miss. Returns (logits, residual_pf, dec).
+        """
+        if self.sae is None:
+            raise ValueError("the concepts + residual route needs an SAE; this Segmenter has none")
+        text = F.normalize(self.bank.text_fd.to(self.sae.W_dec.device, self.sae.W_dec.dtype), dim=-1)
+        x_pd = wf.feats_pd.to(text)
+        codes: PatchCodes = encode_sparse(self.sae, x_pd)
+        x_hat = codes.decode(self.sae)
+        norm_p = x_pd.norm(dim=-1).clamp_min(1e-12)
+        dec = Decomposition(codes, self.sae.W_dec.detach() @ text.T, self.sae.b_dec.detach() @ text.T, norm_p)
+        residual_pf = ((x_pd - x_hat) @ text.T) / norm_p[:, None]
+        return (dec.logits() + residual_pf).float(), residual_pf.float(), dec
+
+    def _background_logits(self, wf: WindowFeatures, via: Via, dec: Decomposition | None) -> Tensor:
+        """(P,) cosine logits of the prompted background: on x^ through concepts, on x otherwise."""
+        t = F.normalize(self.bank.background_text_d.float(), dim=-1)
+        if via == "concepts" and dec is not None:
+            x_hat = dec.codes.decode(self.sae)
+            return ((x_hat @ t.to(x_hat)) / dec.norm_p).float()
+        return (F.normalize(wf.feats_pd, dim=-1) @ t.to(wf.feats_pd)).float()
 
     def segment_features(self, wf: WindowFeatures, via: Via = "concepts") -> SegmentationResult:
         """Labels and logits from encoded windows (shared by both routes in evaluation)."""
@@ -186,16 +235,23 @@ class Segmenter:
         saliency_hw = None
         if wf.saliency_p is not None:
             saliency_hw = assemble(wf.saliency_p.reshape(n, 1, gh, gw), plan)[0]
-        probs_fhw = torch.softmax(self.tasks.temperature * logits_fhw, dim=0)
+        prompted = self.bank.background and self.bank.background_text_d is not None
+        scored_khw = logits_fhw
+        if prompted:  # label 0 competes with its own logit map (module doc)
+            bg_p = self._background_logits(wf, via, dec)
+            scored_khw = torch.cat([assemble(bg_p.reshape(n, 1, gh, gw), plan).to(logits_fhw), logits_fhw])
+        probs_fhw = torch.softmax(self.tasks.temperature * scored_khw, dim=0)
         max_prob, arg = probs_fhw.max(0)
-        labels = arg + self.bank.offset
+        labels = arg if prompted else arg + self.bank.offset
         bg_mask = None
         if self.bank.background:
             uncertain = max_prob < self.tasks.bg_threshold
             if saliency_hw is not None:
                 uncertain &= saliency_hw.to(uncertain.device) < self.tasks.saliency_threshold
+            elif prompted:  # the reference only overrides the arg-max where the saliency says so
+                uncertain = torch.zeros_like(uncertain)
             labels = torch.where(uncertain, torch.zeros_like(labels), labels)
-            bg_mask = uncertain.cpu().numpy()
+            bg_mask = (labels == 0).cpu().numpy() if prompted else uncertain.cpu().numpy()
         return SegmentationResult(
             labels_hw=labels.cpu().numpy().astype(np.int64), logits_fhw=logits_fhw.cpu(), class_names=list(self.bank.names),
             background=self.bank.background, via=via, plan=plan, temperature=self.tasks.temperature,
