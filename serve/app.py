@@ -73,31 +73,12 @@ def resolve(args: dict[str, Any] | None) -> tuple[Any, str, str]:
 def check_model(ref: str, tracking_uri: str) -> None:
     """Fail fast, in the caller, on a model that does not exist (replicas would only retry and log).
 
-    Cheap lookups only: a checkpoint folder's config.json, a registry alias or
-    version, a run id. Raises ValueError naming the ref and the store.
+    `insight.tracking.check_model`: cheap lookups, no store created, a ValueError naming the ref,
+    the store, what exists there and what to run.
     """
-    folder = Path(ref)
-    if folder.is_dir():
-        if not ((folder / "config.json").is_file() or (folder / "sae" / "config.json").is_file()):
-            raise ValueError(f"--model {ref}: the folder holds no SAE checkpoint (config.json)")
-        return
-    import mlflow
+    from insight.tracking import check_model as check
 
-    client = mlflow.MlflowClient(tracking_uri)
-    try:
-        if ref.startswith("models:/"):
-            body = ref[len("models:/"):]
-            if "@" in body:
-                client.get_model_version_by_alias(*body.split("@", 1))
-            else:
-                client.get_model_version(*body.rsplit("/", 1))
-        elif len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
-            client.get_run(ref)
-        else:
-            raise ValueError(f"--model {ref!r}: expected models:/name@alias, models:/name/version, an MLflow run id, "
-                             "or a checkpoint folder")
-    except mlflow.exceptions.MlflowException as exc:
-        raise ValueError(f"--model {ref}: not found in {tracking_uri}: {exc.message}") from None
+    check(ref, tracking_uri)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY
+
+pytest_plugins = ["serving"]  # tiny_model: a real tiny SAE registered as models:/insight@champion
 
 
 def run_cli(*args, cwd=None):
@@ -43,7 +47,103 @@ def test_extract_cli_end_to_end(tmp_path):
     assert last_json(verify.stdout)["verified"] is True
 
 
-def test_config_show_prints_resolved_config():
-    p = run_cli("config", "show", "--config", str(TINY), "--set", "sae.k=5")
-    cfg = last_json(p.stdout)["config"]
-    assert cfg["sae"]["k"] == 5 and cfg["backbone"]["model"] == "insight-tiny-vit"
+def test_config_show_prints_yaml_with_secrets_masked():
+    import yaml
+
+    secret = ("--set", "serve.api_key=s3cret-key", "--set", "tracking.uri=postgresql://u:pa55@db:5432/mlflow")
+    p = run_cli("config", "show", "--config", str(TINY), "--set", "sae.k=5", *secret)
+    assert p.returncode == 0, p.stderr
+    cfg = yaml.safe_load(p.stdout)  # YAML over many lines, not one line of JSON
+    assert cfg["sae"]["k"] == 5 and cfg["backbone"]["model"] == "insight-tiny-vit" and p.stdout.count("\n") > 100
+    assert cfg["serve"]["api_key"] == "***" and "s3cret" not in p.stdout and "pa55" not in p.stdout
+    p = run_cli("config", "show", "--config", str(TINY), "--json", *secret)
+    out = last_json(p.stdout)
+    assert out["ok"] and out["config"]["serve"]["api_key"] == "***" and "s3cret" not in p.stdout
+    p = run_cli("config", "show", "--config", str(TINY), "--explain")
+    assert "  # Adam learning rate" in p.stdout and yaml.safe_load(p.stdout)["train"]["lr"] == 0.001
+
+
+def test_config_explain_and_check():
+    p = run_cli("config", "explain", "tasks.bg_threshold")
+    assert p.returncode == 0 and "tasks.bg_threshold: With a background class" in p.stdout
+    assert "type:    number" in p.stdout and "default: 0.99" in p.stdout and ">= 0 and <= 1" in p.stdout
+    p = run_cli("config", "explain", "tasks.bg_treshold")
+    assert p.returncode == 2 and "did you mean tasks.bg_threshold" in p.stderr
+    # `config check` runs what `insight sweep` would reject before its first trial.
+    p = run_cli("config", "check", "--config", str(ROOT / "configs" / "vit-b16-paper.yaml"))
+    assert p.returncode == 0 and last_json(p.stdout)["ok"], p.stderr
+    p = run_cli("config", "check", "--config", str(ROOT / "configs" / "vit-b16-paper.yaml"),
+                "--set", "sweep.space={sae.depth: [1, 3, 6]}")
+    assert p.returncode == 2 and "sweep.space.sae.depth choice 1 makes an invalid config" in p.stderr
+
+
+# ------------------------------------------------------------------ after `make demo` (README), missing models
+
+
+def _readme_after_demo() -> list[str]:
+    """The `insight ...` commands of the README's "After `make demo`" code block."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### After `make demo`", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("insight ")]
+
+
+def test_after_make_demo_commands_find_the_champion_with_their_config(tiny_model, tmp_path):
+    """The README's commands, on the tiny profile whose store holds models:/insight@champion: `ui` prints the
+    command for that store; `serve` finds the champion with `--config` (tests/test_serve_cli.py serves it so)
+    and, without it, names the store it looked in and the fix, creating no store."""
+    import mlflow
+    import yaml
+
+    from insight.config import load_config
+    from insight.tracking import champion_ref, check_model
+
+    commands = _readme_after_demo()
+    assert {c.split()[1] for c in commands} >= {"ui", "serve"}
+    assert all("--config configs/quickstart.yaml" in c for c in commands), commands
+    profile = yaml.safe_load(TINY.read_text()) | {"workdir": str(tiny_model.root)}  # a config like quickstart.yaml
+    demo = tmp_path / "demo.yaml"
+    demo.write_text(yaml.safe_dump(profile))
+    ui = next(c for c in commands if c.split()[1] == "ui").replace("configs/quickstart.yaml", str(demo))
+    p = run_cli(*ui.split()[1:], "--print", cwd=tmp_path)
+    out = last_json(p.stdout)
+    assert out["tracking_uri"] == tiny_model.tracking_uri and out["store_exists"] is True
+    assert f"ui --backend-store-uri {tiny_model.tracking_uri} --host 127.0.0.1 --port 5000" in out["command"]
+    assert mlflow.MlflowClient(out["tracking_uri"]).get_model_version_by_alias("insight", "champion")
+    cfg = load_config(demo)
+    check_model(champion_ref(cfg), cfg.tracking.resolved_uri(cfg.workdir))  # what `serve --config` checks first
+    # Without --config: the defaults' store (outputs/mlflow.db of the working directory) has no model.
+    p = run_cli("serve", "--no-blocking", cwd=tmp_path)
+    assert p.returncode == 2
+    err = last_json(p.stdout)["error"]
+    assert f"no MLflow store at {tmp_path / 'outputs' / 'mlflow.db'}" in err
+    assert "insight sweep --config" in err and "pass the --config" in err
+    assert not (tmp_path / "outputs").exists()  # looking for the model created nothing
+
+
+def test_missing_models_list_what_exists_and_say_what_to_run(tiny_model, tmp_path):
+    from insight.tracking import check_model
+
+    uri = tiny_model.tracking_uri
+    with pytest.raises(ValueError) as err:
+        check_model("models:/nope@x", uri)
+    assert "no registered model 'nope'" in str(err.value) and "insight (aliases: champion -> v1)" in str(err.value)
+    assert "`insight sweep --config" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        check_model("models:/insight@nope", uri)
+    assert "model 'insight' has no alias 'nope'" in str(err.value) and "its aliases: champion -> v1" in str(err.value)
+    assert "its versions: 1" in str(err.value) and "`insight sweep --config" in str(err.value)
+    with pytest.raises(ValueError, match="folder not found"):
+        check_model(str(tmp_path / "no-such-checkpoint"), uri)
+    store = tmp_path / "elsewhere" / "mlflow.db"
+    with pytest.raises(ValueError, match="no MLflow store at"):
+        check_model("models:/insight@champion", f"sqlite:///{store}")
+    assert not store.parent.exists()
+
+
+def test_concepts_without_a_champion_says_run_sweep_and_creates_no_store(tmp_path):
+    p = run_cli("concepts", "--config", str(TINY), "--set", f"workdir={tmp_path / 'work'}", cwd=tmp_path)
+    assert p.returncode == 2
+    err = last_json(p.stdout)["error"]
+    assert "models:/insight@champion: not found" in err and "insight sweep --config" in err
+    assert not (tmp_path / "work").exists()

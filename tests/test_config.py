@@ -3,7 +3,6 @@ import pytest
 from conftest import ROOT
 from insight.config import ConfigError, InsightConfig, config_with, load_config
 
-
 # Every step config the project ships: the profiles and each Kubernetes overlay's insight.yaml.
 SHIPPED = sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "configs").glob("*.yaml"),
                                                      *(ROOT / "k8s" / "overlays").glob("*/insight.yaml")])
@@ -136,3 +135,83 @@ def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     assert load_config(None, [f"workdir={cfg.workdir}"]).workdir == cfg.workdir  # stable once absolute
     assert load_config(None, ["workdir=~/x"]).workdir == os.path.expanduser("~/x")
+
+
+# ------------------------------------------------------------------ reading the schema and error messages
+
+
+def test_every_config_key_is_described():
+    """`insight config explain` and `config show --explain` print these; a new key needs one too."""
+    from insight.config import describe, schema_keys
+
+    keys = schema_keys()
+    assert len(keys) > 150 and "train.lr" in keys and "sae" in keys
+    missing = sorted(k for k, f in keys.items() if not describe(f))
+    assert not missing, f"config keys without a description (give Field(..., description=...)): {missing}"
+
+
+def test_explain_key_gives_description_type_default_and_rules():
+    from insight.config import explain_key
+
+    lr = explain_key("train.lr")
+    assert lr["description"] and lr["type"] == "number" and lr["default"] == 1e-4 and lr["rules"] == ["> 0"]
+    kind = explain_key("backbone.kind")
+    assert kind["allowed"] == ["openclip", "offline", "auto"] and kind["default"] == "openclip"
+    assert explain_key("serve.api_key")["secret"] is True
+    sae = explain_key("sae")
+    assert "k" in sae["keys"] and sae["keys"]["k"] and sae["description"]
+    with pytest.raises(ConfigError, match=r"no config key 'train\.lrr'; did you mean train\.lr"):
+        explain_key("train.lrr")
+
+
+def test_yaml_round_trips_and_masks_secrets():
+    import yaml
+
+    from insight.config import to_yaml
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert InsightConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg  # the YAML is a valid config again
+    secret = load_config(None, ["serve.api_key=s3cret-key", "tracking.uri=postgresql://mlflow:pa55word@db:5432/mlflow"])
+    text = to_yaml(secret, explain=True)
+    assert "s3cret-key" not in text and "pa55word" not in text
+    shown = yaml.safe_load(text)
+    assert shown["serve"]["api_key"] == "***" and shown["tracking"]["uri"] == "postgresql://mlflow:***@db:5432/mlflow"
+    assert "# Adam learning rate" in text  # --explain: the description above its key
+
+
+def test_cross_field_error_names_the_problem_and_the_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sae.depth=3", "sae.group_fractions=[0.5,0.5]"])
+    msg = str(err.value)
+    assert "sae.depth=3 disagrees with 2 sae.group_fractions" in msg and "give as many fractions as the depth" in msg
+    assert "Value error" not in msg and "{...}" not in msg  # no pydantic internals
+
+
+def test_a_section_given_a_value_says_it_is_a_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["tracking=foo"])
+    msg = str(err.value)
+    assert "'tracking' is a section, not a value" in msg and "--set tracking.uri=VALUE" in msg
+    assert "TrackingConfig" not in msg  # no class names of the code
+
+
+def test_a_wrong_type_shows_the_expected_form():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sweep.space=foo"])
+    msg = str(err.value)
+    assert "'sweep.space' = \"foo\"" in msg and "{sae.k: [8, 16]" in msg and "insight config explain sweep.space" in msg
+    with pytest.raises(ConfigError) as err:  # a union: one line naming the types, not one per member type
+        load_config(None, ["tasks.classes=5"])
+    problems = str(err.value).splitlines()[1:]
+    assert len(problems) == 1 and "expected list of string or string or null" in problems[0]
+
+
+def test_sweep_space_error_says_how_to_fix_it():
+    from insight.sweeps.tune import validate_space
+
+    cfg = load_config(ROOT / "configs" / "vit-b16-paper.yaml", ["sweep.space={sae.depth: [1, 3]}"])
+    with pytest.raises(ConfigError) as err:
+        validate_space(cfg)
+    msg = str(err.value)
+    assert "sweep.space.sae.depth choice 1 makes an invalid config" in msg
+    assert "sae.depth=1 disagrees with 6 sae.group_fractions" in msg and "drop it from sweep.space.sae.depth" in msg

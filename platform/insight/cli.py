@@ -3,6 +3,13 @@
 Every step takes ``--config FILE`` and repeated ``--set a.b=value``, validates
 the whole config before any work, logs to stderr, and prints one JSON object
 with its results as the last line of stdout so steps can be scripted.
+
+Options mean the same everywhere: ``--model`` defaults to
+``models:/<tracking.registered_model>@<tracking.alias>`` (concepts, evaluate,
+serve); ``--cache`` names the cache a step reads (train, sweep, concepts;
+evaluate reads images, not a cache); ``--no-track`` exists on the steps whose
+output is a file (extract, train-dinoiser), while train, sweep, concepts and
+evaluate keep their results in MLflow (runs, the registry) and always log.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from insight.config import ConfigError, InsightConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Insight: hierarchical concept models for CLIP, on Ray.")
 cache_app = typer.Typer(no_args_is_help=True, help="Activation caches: import, inspect, verify.")
-config_app = typer.Typer(no_args_is_help=True, help="Show and check configs.")
+config_app = typer.Typer(no_args_is_help=True, help="Show, explain and check configs.")
 app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (defaults: the schema).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a key: --set sae.k=16 (repeatable).")
+CacheOpt = typer.Option(None, "--cache", help="Cache folder or URI to read (default: the cache this config extracts;"
+                        " same as --set train.cache=...).")
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -96,11 +105,12 @@ def extract(config: str = ConfigOpt, set_: list[str] = SetOpt,
 
 @app.command()
 def train(config: str = ConfigOpt, set_: list[str] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="Continue the run from its latest checkpoint.")) -> None:
-    """Train the hierarchical SAE on the activation cache with Ray Train."""
+          resume: bool = typer.Option(False, "--resume", help="Continue the run from its latest checkpoint."),
+          cache: str = CacheOpt) -> None:
+    """Train the hierarchical SAE on the activation cache with Ray Train (always logged to MLflow)."""
 
     def go() -> dict[str, Any]:
-        cfg = _load(config, set_)
+        cfg = _load(config, [*(set_ or []), *([f"train.cache={cache}"] if cache else [])])
         from insight.training.sae import train as do_train
 
         return do_train(cfg, resume=resume)
@@ -141,11 +151,12 @@ def train_dinoiser(config: str = ConfigOpt, set_: list[str] = SetOpt,
 
 @app.command()
 def sweep(config: str = ConfigOpt, set_: list[str] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="Resume an interrupted sweep of the same name.")) -> None:
-    """Sweep sparsity, depth, expansion and lr with Ray Tune; register the best model."""
+          resume: bool = typer.Option(False, "--resume", help="Resume an interrupted sweep of the same name."),
+          cache: str = CacheOpt) -> None:
+    """Sweep the SAE's settings (sweep.space) with Ray Tune; register the best trial as the champion (MLflow)."""
 
     def go() -> dict[str, Any]:
-        cfg = _load(config, set_)
+        cfg = _load(config, [*(set_ or []), *([f"train.cache={cache}"] if cache else [])])
         from insight.sweeps.tune import sweep as do_sweep
 
         return do_sweep(cfg, resume=resume)
@@ -157,7 +168,7 @@ def sweep(config: str = ConfigOpt, set_: list[str] = SetOpt,
 def concepts(
     model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
                               "checkpoint folder (default: models:/<tracking.registered_model>@<tracking.alias>)."),
-    cache: str = typer.Option(None, "--cache", help="Cache to read (default: the one the model was trained on)."),
+    cache: str = typer.Option(None, "--cache", help="Cache folder or URI to read (default: the one the model was trained on)."),
     config: str = ConfigOpt, set_: list[str] = SetOpt,
 ) -> None:
     """Mine concept relations, hierarchy, names and galleries of a trained SAE (logged with its MLflow run)."""
@@ -205,20 +216,39 @@ def ui(config: str = ConfigOpt, set_: list[str] = SetOpt,
     uri = cfg.tracking.resolved_uri(cfg.workdir)
     mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
     cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    from insight.tracking import store_exists
+
+    if not store_exists(uri):
+        typer.echo(f"warning: no MLflow store at {uri} yet: nothing was logged with this config; pass the --config"
+                   " your steps ran with (each config's workdir holds its own store)", err=True)
     if print_only:
-        emit({"ok": True, "command": shlex.join(cmd), "tracking_uri": uri})
+        emit({"ok": True, "command": shlex.join(cmd), "tracking_uri": uri, "store_exists": store_exists(uri)})
         return
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri}", err=True)
     os.execv(cmd[0], cmd)
 
 
+def _quickstart_profile() -> str:
+    """configs/quickstart.yaml of the working directory, else of the checkout this package runs from."""
+    from pathlib import Path
+
+    for path in (Path("configs") / "quickstart.yaml", Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"):
+        if path.is_file():
+            return str(path.resolve())
+    raise StepFailed("no --config given, and no configs/quickstart.yaml in the working directory or in the checkout"
+                     " insight is installed from: pass --config PATH (the repository's configs/quickstart.yaml)")
+
+
 @app.command()
-def quickstart(config: str = typer.Option("configs/quickstart.yaml", "--config", "-c", help="YAML config file."),
+def quickstart(config: str = typer.Option(None, "--config", "-c", help="YAML config file (default: configs/quickstart.yaml"
+                                          " of the working directory, else of the checkout insight runs from)."),
                set_: list[str] = SetOpt,
                serve_check: bool = typer.Option(True, "--serve/--no-serve", help="Serve and query the champion.")) -> None:
     """Every step end to end (extract, sweep, concepts, evaluate, serve) and an HTML report: `make demo`."""
 
     def go() -> dict[str, Any]:
+        nonlocal config
+        config = config or _quickstart_profile()
         cfg = _load(config, set_)
         from insight.quickstart import run_quickstart
 
@@ -279,9 +309,73 @@ def cache_verify(location: str = typer.Argument(..., help="Cache folder or URI (
 
 
 @config_app.command("show")
-def config_show(config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
-    """Print the fully resolved config (defaults + file + overrides)."""
-    run_step(lambda: {"config": _load(config, set_).to_dict()})
+def config_show(config: str = ConfigOpt, set_: list[str] = SetOpt,
+                as_json: bool = typer.Option(False, "--json", help="One JSON line ({ok, config}) instead of YAML."),
+                explain: bool = typer.Option(False, "--explain", help="Each key's description as a comment above it.")
+                ) -> None:
+    """Print the fully resolved config (defaults + file + overrides) as YAML; secrets are masked."""
+    from insight.config import masked, to_yaml
+
+    if as_json:
+        run_step(lambda: {"config": masked(_load(config, set_).to_dict())})
+        return
+    try:
+        text = to_yaml(_load(config, set_), explain=explain)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text, nl=False)
+
+
+@config_app.command("explain")
+def config_explain(key: str = typer.Argument("", help="Dotted key (train.lr) or section (sae); none: the sections."),
+                   as_json: bool = typer.Option(False, "--json", help="One JSON line instead of text.")) -> None:
+    """What a config key means: description, type, default, allowed values and range."""
+    from insight.config import explain_key
+
+    try:
+        info = explain_key(key)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        if as_json:
+            emit({"ok": False, "error": str(exc)})
+        raise typer.Exit(2) from None
+    if as_json:
+        emit({"ok": True, **info})
+        return
+    if "keys" in info:  # a section: its description, then one line per key
+        typer.echo(f"{info['key'] or 'config'}: {info['description']}")
+        width = max(len(k) for k in info["keys"])
+        for k, text in info["keys"].items():
+            typer.echo(f"  {k.ljust(width)}  {text}")
+        return
+    typer.echo(f"{info['key']}: {info['description']}")
+    typer.echo(f"  type:    {info['type']}")
+    typer.echo(f"  default: {json.dumps(info['default'], default=str)}")
+    if "allowed" in info:
+        typer.echo(f"  allowed: {', '.join(map(str, info['allowed']))}")
+    if "rules" in info:
+        typer.echo(f"  rule:    {' and '.join(info['rules'])}")
+    if info.get("secret"):
+        typer.echo("  secret:  masked by `insight config show`; better set through the environment")
+    typer.echo(f"  set it:  --set {info['key']}=VALUE, or in the config file")
+
+
+@config_app.command("check")
+def config_check(config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Validate a config as every step would, including each choice of its sweep space; runs nothing."""
+
+    def go() -> dict[str, Any]:
+        from insight.config import masked
+        from insight.sweeps.tune import validate_space
+
+        cfg = _load(config, set_)
+        validate_space(cfg)
+        return {"config": config or "defaults", "name": cfg.name, "workdir": cfg.workdir,
+                "tracking_uri": masked(cfg.tracking.resolved_uri(cfg.workdir)),
+                "sweep_choices": sum(len(v) for v in cfg.sweep.space.values())}
+
+    run_step(go)
 
 
 # ------------------------------------------------------------------ serving (serve/ at the repository root)
@@ -303,8 +397,8 @@ def _serve_app_module() -> Any:
 
 @app.command("serve")
 def serve_cmd(
-    model: str = typer.Option("models:/insight@champion", "--model", "-m",
-                              help="models:/name@alias, models:/name/version, an MLflow run id, or a checkpoint folder."),
+    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
+                              "checkpoint folder (default: models:/<tracking.registered_model>@<tracking.alias>)."),
     config: str = ConfigOpt, set_: list[str] = SetOpt,
     blocking: bool = typer.Option(True, "--blocking/--no-blocking",
                                   help="Keep serving until Ctrl-C / SIGTERM, or deploy and return (on a running cluster)."),
@@ -358,7 +452,15 @@ def serve_cmd(
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Manage steps submitted to a Ray cluster: status, logs, stop.")
 app.add_typer(jobs_app, name="jobs")
-AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL, http://HOST:8265 (default: $RAY_ADDRESS).")
+AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL, http://HOST:8265 (default: cluster.address of"
+                          " --config, else $RAY_ADDRESS).")
+
+
+def _jobs_address(address: str | None, config: str | None, sets: list[str] | None) -> str:
+    """The dashboard address the jobs commands talk to: --address, cluster.address of --config/--set, $RAY_ADDRESS."""
+    from insight import cluster
+
+    return cluster.resolve_address(address, cluster.cluster_settings(config, sets).get("address"))
 
 
 def _cluster_step(fn: Callable[[], dict[str, Any]]) -> None:
@@ -387,7 +489,9 @@ def submit(
     step_args: list[str] = typer.Argument(None, help="After --: more arguments for the step, e.g. -- --resume."),
     config: str = ConfigOpt, set_: list[str] = SetOpt,
     address: str = typer.Option(None, "--address", help="Ray dashboard URL, http://HOST:8265 (default: cluster.address, $RAY_ADDRESS)."),
-    image: str = typer.Option(None, "--image", help="The cluster runs this image (Dockerfile): upload nothing (default: cluster.image)."),
+    image: str = typer.Option(None, "--image", help="The image the cluster's pods already run (built from the Dockerfile):"
+                              " upload nothing, run the step from cluster.project_dir inside it; the name is only recorded"
+                              " in the job's metadata, the manifests choose the image (default: cluster.image)."),
     env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE for the job's environment (repeatable)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the job ends; exit 1 unless it SUCCEEDED."),
     submission_id: str = typer.Option(None, "--job-id", help="Submission id (default: insight-<step>-<random>)."),
@@ -400,28 +504,31 @@ def submit(
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt) -> None:
+def jobs_status(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt,
+                config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Status, message and metadata of a submitted job."""
     from insight import cluster
 
-    _cluster_step(lambda: cluster.job_status(job_id, address))
+    _cluster_step(lambda: cluster.job_status(job_id, _jobs_address(address, config, set_)))
 
 
 @jobs_app.command("logs")
 def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt,
-              follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends; exit 1 unless it SUCCEEDED.")) -> None:
+              follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends; exit 1 unless it SUCCEEDED."),
+              config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Print a job's logs (its driver's stdout and stderr), then its status as JSON."""
     from insight import cluster
 
-    _cluster_step(lambda: cluster.job_logs(job_id, address, follow=follow))
+    _cluster_step(lambda: cluster.job_logs(job_id, _jobs_address(address, config, set_), follow=follow))
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt) -> None:
+def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address: str = AddressOpt,
+              config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Stop a running job and wait until the cluster reports it ended."""
     from insight import cluster
 
-    _cluster_step(lambda: cluster.job_stop(job_id, address))
+    _cluster_step(lambda: cluster.job_stop(job_id, _jobs_address(address, config, set_)))
 
 
 def main(argv: list[str] | None = None) -> None:

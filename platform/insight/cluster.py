@@ -179,8 +179,8 @@ def resolve_address(address: str | None, configured: str | None = None) -> str:
             " dashboard's HTTP API, e.g. http://HOST:8265 (a ray:// client or GCS address does not work)"
         )
     raise ClusterError(
-        "no cluster address: pass --address http://HOST:8265, set cluster.address in the config,"
-        " or export RAY_ADDRESS"
+        "no cluster address: pass --address http://HOST:8265, set cluster.address in the --config file"
+        " (or --set cluster.address=http://HOST:8265), or export RAY_ADDRESS"
     )
 
 

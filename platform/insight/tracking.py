@@ -123,6 +123,105 @@ def champion_ref(cfg: Any) -> str:
     return f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
 
 
+_RUN_ID_CHARS = frozenset("0123456789abcdef")
+_REF_FORMS = "models:/name@alias, models:/name/version, an MLflow run id, or a checkpoint folder"
+_SWEEP_FIRST = ("`insight sweep --config <the same config>` registers its best trial as"
+                " models:/<tracking.registered_model>@<tracking.alias>")
+
+
+def _is_run_id(ref: str) -> bool:
+    return len(ref) == 32 and set(ref) <= _RUN_ID_CHARS
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False only for a local sqlite store whose file is not there yet (remote stores are assumed to exist)."""
+    return _store_missing(tracking_uri) is None
+
+
+def _store_missing(tracking_uri: str) -> Path | None:
+    """The sqlite file of a local store that does not exist yet (opening it would create it), else None."""
+    if tracking_uri.startswith("sqlite:///") and tracking_uri != "sqlite:///:memory:":
+        path = Path(tracking_uri[len("sqlite:///"):])
+        return None if path.is_file() else path
+    return None
+
+
+def _registry_listing(client: Any) -> str:
+    """'insight (aliases: champion -> v2; versions 1-2), other (no alias)' or 'none', for error messages."""
+    try:
+        models = list(client.search_registered_models(max_results=20))
+    except Exception:  # a listing is a courtesy; the error it decorates is what matters
+        return "unknown"
+    parts = []
+    for m in models:
+        aliases = ", ".join(f"{a} -> v{v}" for a, v in sorted((m.aliases or {}).items())) or "no alias"
+        parts.append(f"{m.name} (aliases: {aliases})")
+    return "; ".join(parts) or "none"
+
+
+def check_model(ref: str, tracking_uri: str) -> Any:
+    """Fail fast on a model reference that does not resolve, with what exists and what to run.
+
+    Cheap lookups only (a folder's config.json, a registry alias or version, a run id), and no
+    side effects: a local sqlite store that does not exist is reported, not created. Returns the
+    model version or run found (None for a checkpoint folder); raises ValueError naming the
+    reference, the store and the fix.
+    """
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        if not ((folder / "config.json").is_file() or (folder / "sae" / "config.json").is_file()):
+            raise ValueError(f"--model {ref}: the folder holds no SAE checkpoint (config.json); give the folder"
+                             " `insight train` wrote (its checkpoint or its final model)")
+        return None
+    if not ref.startswith("models:/") and not _is_run_id(ref):
+        if "/" in ref or os.sep in ref or ref.startswith((".", "~")):
+            raise ValueError(f"--model {ref}: folder not found; give an existing checkpoint folder,"
+                             " models:/name@alias, models:/name/version or an MLflow run id")
+        raise ValueError(f"--model {ref!r}: expected {_REF_FORMS}")
+    missing = _store_missing(tracking_uri)
+    if missing is not None:
+        raise ValueError(f"--model {ref}: not found: there is no MLflow store at {missing} (nothing was logged with this"
+                         f" config yet). {_SWEEP_FIRST}; or pass the --config (or tracking.uri) whose runs made the model:"
+                         " each config's workdir holds its own store")
+    return _lookup(ref, tracking_uri)
+
+
+def _lookup(ref: str, tracking_uri: str) -> Any:
+    """The model version (models:/...) or run (run id) ``ref`` names; ValueError says what exists."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if _is_run_id(ref):
+        try:
+            return client.get_run(ref)
+        except mlflow.exceptions.MlflowException:
+            raise ValueError(f"--model {ref}: not found: no run with this id in {tracking_uri}; `insight ui` lists"
+                             " the runs of a config's store") from None
+    body = ref[len("models:/"):]
+    name, sep, alias = body.partition("@")
+    version = None if sep else body.rpartition("/")[2]
+    if not sep:
+        name = body.rpartition("/")[0]
+    if not name or not (alias or version):
+        raise ValueError(f"--model {ref!r}: expected {_REF_FORMS}")
+    try:
+        registered = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"--model {ref}: not found: no registered model {name!r} in {tracking_uri}; registered models:"
+                         f" {_registry_listing(client)}. {_SWEEP_FIRST}") from None
+    try:
+        if sep:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException:
+        aliases = ", ".join(f"{a} -> v{v}" for a, v in sorted((registered.aliases or {}).items())) or "none"
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        what = f"alias {alias!r}" if sep else f"version {version!r}"
+        raise ValueError(f"--model {ref}: not found: model {name!r} has no {what} in {tracking_uri}; its aliases: {aliases};"
+                         f" its versions: {', '.join(map(str, versions)) or 'none'}. {_SWEEP_FIRST}"
+                         " (tracking.alias names the alias it moves)") from None
+
+
 def load_model(ref: str, tracking_uri: str | None = None, dst: str | None = None) -> LoadedModel:
     """Load an SAE by ``models:/name@alias`` / ``models:/name/version``, an MLflow run id, or a
     checkpoint folder. Registered models and runs are fetched from the tracking store
@@ -130,32 +229,21 @@ def load_model(ref: str, tracking_uri: str | None = None, dst: str | None = None
     """
     import tempfile
 
-    folder = Path(ref)
+    folder = Path(ref).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file() and (folder / "sae" / "config.json").is_file():
             folder = folder / "sae"
         return _from_checkpoint(folder)
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri) if tracking_uri else mlflow.MlflowClient()
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    found = check_model(ref, tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
     name = version = None
-    if ref.startswith("models:/"):
-        body = ref[len("models:/"):]
-        try:
-            if "@" in body:
-                name, alias = body.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, version = body.rsplit("/", 1)
-                mv = client.get_model_version(name, version)
-        except (mlflow.exceptions.MlflowException, ValueError) as exc:
-            raise ValueError(f"model {ref!r} not found in {client.tracking_uri}: {exc}") from None
-        run_id, version = mv.run_id, mv.version
-    elif len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+    if _is_run_id(ref):
         run_id = ref
     else:
-        raise ValueError(f"--model {ref!r}: expected models:/name@alias, models:/name/version, "
-                         "an MLflow run id, or a checkpoint folder")
+        name, run_id, version = found.name, found.run_id, found.version
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:

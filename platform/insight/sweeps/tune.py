@@ -51,7 +51,11 @@ def validate_space(cfg) -> None:
             try:
                 config_with(cfg, {key: choice})
             except ConfigError as exc:
-                raise ConfigError(f"sweep.space.{key} choice {choice!r} is invalid:\n{exc}") from None
+                problems = str(exc).split(":\n", 1)[-1]  # the problems, without the "invalid config (...)" line
+                raise ConfigError(f"sweep.space.{key} choice {choice!r} makes an invalid config:\n{problems}\n"
+                                  f"Every choice of sweep.space must be valid with the rest of the config: drop it"
+                                  f" from sweep.space.{key} or change the setting it conflicts with"
+                                  f" (`insight config check` tests a config and its sweep space)") from None
 
 
 def trial_fn(config: dict[str, Any]) -> None:
