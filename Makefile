@@ -5,14 +5,13 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Tests never download; `HF_HUB_OFFLINE=0 make demo` lets backbone.kind=auto fetch ViT-B-16.
-HF_HUB_OFFLINE ?= 1
-export HF_HUB_OFFLINE
-export NO_ALBUMENTATIONS_UPDATE := 1
-export RAY_USAGE_STATS_ENABLED := 0
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-export RAY_AUTH_MODE := disabled
-export MPLBACKEND := Agg
+# The offline defaults (no downloads, Ray on loopback without auth, ...) come from
+# OFFLINE_ENV in platform/insight/runtime.py, the list tests and benchmarks use too.
+# A variable already set wins: `HF_HUB_OFFLINE=0 make demo` lets backbone.kind=auto
+# fetch ViT-B-16.
+OFFLINE_ENV := $(shell PYTHONPATH=$(CURDIR)/platform $(PYTHON) -m insight.runtime)
+$(foreach kv,$(OFFLINE_ENV),$(eval $(subst =, ?= ,$(kv))))
+export $(foreach kv,$(OFFLINE_ENV),$(firstword $(subst =, ,$(kv))))
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv test demo lint format bench clean browser

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("MPLBACKEND", "Agg")
+from insight.runtime import offline_env
+
+offline_env()
 os.environ.setdefault("INSIGHT_LOG", "WARNING")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

@@ -415,7 +415,7 @@ def serve_cmd(
         application = appmod.build_app(args)
         from ray import serve as ray_serve
 
-        from insight.cache.extract import ensure_ray
+        from insight.runtime import ensure_ray
 
         ensure_ray(cfg)
         ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -33,6 +32,7 @@ from insight.cache.format import (
     resolve_fs,
     sha256,
 )
+from insight.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -118,35 +118,6 @@ class ShardWorker:
             out["shard"].append(int(shard))
             out["meta"].append(json.dumps(side))
         return {"shard": np.array(out["shard"], dtype=np.int64), "meta": np.array(out["meta"], dtype=object)}
-
-
-def ensure_ray(cfg) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    # A step submitted as a Ray job (`insight submit`, KubeRay RayJob) joins the cluster that runs
-    # the job: Ray's job supervisor sets RAY_ADDRESS and this variable for the driver, and passing
-    # cluster.num_cpus (or another address) when joining a running cluster is an error.
-    in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    if not in_ray_job and cfg.cluster.address:
-        kwargs["address"] = cfg.cluster.address
-    elif not in_ray_job and not os.environ.get("RAY_ADDRESS"):
-        # No address configured means a private local instance: plain ray.init() would attach to
-        # whatever cluster `ray start` last left running on this machine.
-        kwargs["address"] = "local"
-        if cfg.cluster.num_cpus:
-            kwargs["num_cpus"] = cfg.cluster.num_cpus
-    ray.init(**kwargs)
-    try:
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-    except AttributeError:  # pragma: no cover - older Ray
-        pass
 
 
 def _probe_grid(backbone) -> tuple[int, int]:

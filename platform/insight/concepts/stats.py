@@ -493,7 +493,7 @@ def compute_stats(reader: CacheReader, sae: MatryoshkaSAE, *, eps: float, radius
 
     ``tasks`` defaults to the cluster's CPU count; ``map_top`` keeps the maps
     galleries draw (`ConceptStats.top_map`). Ray must be initialised
-    (`insight.cache.extract.ensure_ray`).
+    (`insight.runtime.ensure_ray`).
     """
     import ray
 

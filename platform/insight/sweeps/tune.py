@@ -195,7 +195,7 @@ def sweep(cfg, resume: bool = False) -> dict[str, Any]:
 
     from insight import tracking
     from insight.cache import CacheReader
-    from insight.cache.extract import ensure_ray
+    from insight.runtime import ensure_ray
     from insight.config import config_with
     from insight.training.sae import plan_steps, resolve_cache
 

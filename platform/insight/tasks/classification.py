@@ -299,7 +299,7 @@ def train_probe(cfg, s_nm: np.ndarray, labels_n: np.ndarray, class_names: Sequen
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    from insight.cache.extract import ensure_ray
+    from insight.runtime import ensure_ray
 
     s = np.ascontiguousarray(np.asarray(s_nm, dtype=np.float32))
     y = np.asarray(labels_n, dtype=np.int64)

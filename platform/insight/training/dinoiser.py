@@ -618,8 +618,8 @@ def train_dinoiser(cfg, tracking: dict[str, str] | None = None) -> dict[str, Any
 
     from insight.backbones.dinoiser import load_heads
     from insight.backbones.openclip import OpenCLIPBackbone
-    from insight.cache.extract import ensure_ray
     from insight.data.datasets import build_dataset
+    from insight.runtime import ensure_ray
 
     t_start = time.perf_counter()
     tc = cfg.dinoiser_train

@@ -312,7 +312,7 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
 
     from insight import tracking
     from insight.cache import CacheReader
-    from insight.cache.extract import ensure_ray
+    from insight.runtime import ensure_ray
 
     if cfg.train.batch_size % cfg.train.num_workers:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over "
