@@ -86,3 +86,23 @@ def test_views_are_deterministic_and_distinct():
     np.testing.assert_array_equal(pre(rgb, "x", 1), pre(rgb, "x", 1))
     assert not np.array_equal(pre(rgb, "x", 1), pre(rgb, "x", 2))
     assert not np.array_equal(v0, pre(rgb, "x", 1))
+
+
+def test_a_folder_on_object_storage_is_listed_once_and_read_by_uri(tmp_path):
+    """data.root may be a pyarrow URI (s3://bucket/images on a cluster); file:// runs the same code here."""
+    _write_images(tmp_path / "images" / "part0", 2)
+    _write_images(tmp_path / "images" / "part1", 1)
+    ds = folder_dataset(f"file://{tmp_path / 'images'}")
+    assert [r.image_id for r in ds.records] == ["part0/img0", "part0/img1", "part1/img0"]
+    assert all(r.path.startswith("file:///") for r in ds.records)
+    local = folder_dataset(str(tmp_path / "images"))
+    for uri_rec, path_rec in zip(ds.records, local.records, strict=True):
+        rgb, why = load_image(uri_rec.path)
+        assert why is None and np.array_equal(rgb, load_image(path_rec.path)[0])
+    assert load_image(f"file://{tmp_path / 'gone.png'}")[0] is None
+    before = ds.identity()
+    assert folder_dataset(f"file://{tmp_path / 'images'}").identity() == before  # stable listing
+    _write_images(tmp_path / "images" / "part2", 1)
+    assert folder_dataset(f"file://{tmp_path / 'images'}").identity()["listing"] != before["listing"]
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        folder_dataset(f"file://{tmp_path / 'nope'}")

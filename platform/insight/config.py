@@ -154,7 +154,10 @@ class DataConfig(Section):
         description="samples: real images shipped in installed packages; folder: any image"
         " folder; coco: COCO json + image dir; voc: JPEGImages + SegmentationClass pairs.",
     )
-    root: str | None = Field(None, description="Dataset root (folder, coco images, voc root).")
+    root: str | None = Field(
+        None, description="Dataset root (folder, coco images, voc root); a folder may be a pyarrow URI such as"
+        " s3://bucket/images (read by every node straight from object storage)."
+    )
     annotations: str | None = Field(None, description="COCO annotation json (coco only).")
     masks: str | None = Field(None, description="Mask folder (voc only); default root/SegmentationClass.")
     max_images: int | None = Field(None, ge=1, description="Use only the first N images (smoke runs); null: all.")

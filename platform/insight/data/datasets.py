@@ -3,10 +3,16 @@
 A dataset is a list of `ImageRecord`s (id, path, optional mask source) plus class
 names; pixels are read lazily by `load_image`, which reports failures instead of
 raising, so one unreadable file never takes a whole job down.
+
+A folder may also be object storage: ``data.root: s3://bucket/images`` (or any
+pyarrow URI, gs://, file://) is listed once by the driver and every image is read
+by its URI on whichever node decodes it, so a cluster needs no copy of the images
+on a shared volume.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ class ImageDataset:
     annotations: str | None = None
     ignore_index: int = 255
     bundled: bool = False  # the packaged samples: rewritten per workdir, identified by content
+    listing: dict[str, tuple[int, int]] = field(default_factory=dict)  # URI -> (size, mtime) of object storage
 
     def __len__(self) -> int:
         return len(self.records)
@@ -51,11 +58,15 @@ class ImageDataset:
                 if self.bundled:  # rewritten per workdir: hash content, not mtimes
                     h.update(f"{r.image_id}|{hashlib.sha256(Path(r.path).read_bytes()).hexdigest()}\n".encode())
                     continue
+                if r.path in self.listing:  # object storage: size and mtime from the one listing
+                    size, mtime = self.listing[r.path]
+                    h.update(f"{r.image_id}|{size}|{mtime}\n".encode())
+                    continue
                 st = Path(r.path).stat()
                 h.update(f"{r.image_id}|{st.st_size}|{int(st.st_mtime)}\n".encode())
             except OSError:
                 h.update(f"{r.image_id}|missing\n".encode())
-        root = "<bundled samples>" if self.bundled else str(Path(self.root).resolve())
+        root = "<bundled samples>" if self.bundled else self.root if _is_uri(self.root) else str(Path(self.root).resolve())
         return {"kind": self.kind, "root": root, "listing": h.hexdigest(),
                 "count": len(self.records)}
 
@@ -73,12 +84,36 @@ class ImageDataset:
         return None
 
 
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(scheme: str, host: str):
+    """One pyarrow filesystem per scheme://host (an S3 client is costly to create per image)."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(f"{scheme}://{host}/")[0]
+
+
+def _open(path: str):
+    """A local path as is; a URI (s3://bucket/key, file:///abs) as its bytes, read through pyarrow."""
+    if not _is_uri(path):
+        return path
+    import io
+
+    scheme, rest = path.split("://", 1)
+    host, _, key = rest.partition("/")
+    with _filesystem(scheme, host).open_input_stream(f"{host}/{key}" if host else f"/{key}") as f:
+        return io.BytesIO(f.read())
+
+
 def load_image(path: str) -> tuple[np.ndarray | None, str | None]:
-    """RGB uint8 (H, W, 3), or (None, reason) for a missing/unreadable/truncated file."""
+    """RGB uint8 (H, W, 3), or (None, reason) for a missing/unreadable/truncated file (or URI)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(_open(path)) as im:
                 im.load()  # forces a full decode: truncated files fail here
                 return np.asarray(im.convert("RGB")), None
     except FileNotFoundError:
@@ -88,6 +123,8 @@ def load_image(path: str) -> tuple[np.ndarray | None, str | None]:
 
 
 def folder_dataset(root: str) -> ImageDataset:
+    if _is_uri(root):
+        return _object_folder_dataset(root)
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"data.root: no folder at {base}")
@@ -96,6 +133,29 @@ def folder_dataset(root: str) -> ImageDataset:
         raise ValueError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {base}")
     records = [ImageRecord(str(p.relative_to(base).with_suffix("")), str(p)) for p in paths]
     return ImageDataset("folder", str(base), records)
+
+
+def _object_folder_dataset(root: str) -> ImageDataset:
+    """Every image under a URI prefix (s3://bucket/images), listed once; ids are the relative paths."""
+    import pyarrow.fs as pafs
+
+    scheme = root.split("://", 1)[0]
+    try:
+        fs, base = pafs.FileSystem.from_uri(root.rstrip("/"))
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"data.root: cannot list {root}: {exc}") from None
+    listing, records = {}, []
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.File or Path(info.path).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        uri = f"{scheme}://{info.path}"
+        rel = info.path[len(base):].lstrip("/")
+        records.append(ImageRecord(str(Path(rel).with_suffix("")), uri))
+        listing[uri] = (int(info.size or 0), int(info.mtime_ns or 0) // 10**9)
+    if not records:
+        raise ValueError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    return ImageDataset("folder", root, records, listing=listing)
 
 
 def voc_dataset(root: str, masks: str | None = None) -> ImageDataset:
