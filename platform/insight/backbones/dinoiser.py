@@ -15,13 +15,14 @@ background (docs/method.md, Tasks and explanations). ``insight train-dinoiser``
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+
+from insight.cache.format import file_sha256
 
 HEAD_KEYS = ("obj_proj.weight", "obj_proj.bias", "bkg_decoder.weight", "bkg_decoder.bias")
 
@@ -63,8 +64,7 @@ def load_heads(path: str | Path, width: int) -> tuple[DinoiserHeads, str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"backbone.dinoiser.heads: no file at {p}")
-    raw = p.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
+    digest = file_sha256(p)
     if p.suffix == ".safetensors":
         state = load_file(str(p))
     else:

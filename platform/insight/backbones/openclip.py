@@ -10,7 +10,6 @@ block's attention also makes it slightly cheaper than ``encode_image``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insight.backbones.dinoiser import DinoiserHeads, load_heads, pool_features
+from insight.cache.format import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ def register_architecture(name: str, architecture: dict[str, Any]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="insight-openclip-"))
     (folder / f"{name}.json").write_text(json.dumps(architecture))
     open_clip.add_model_config(folder)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_device(device: str) -> str:

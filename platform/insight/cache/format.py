@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -46,8 +47,6 @@ def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or any pyarrow URI (s3://, gs://, file://)."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
-    import os
-
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -173,6 +172,15 @@ def decode_shard(data: bytes, grid: tuple[int, int], dim: int, where: str) -> tu
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a local file, read in chunks: the identity of weights, heads and imported features."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_validation(image_id: str, val_fraction: float) -> bool:

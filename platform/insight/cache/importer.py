@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from insight.backbones.openclip import file_sha256
 from insight.cache.format import (
     CacheError,
     Manifest,
@@ -22,6 +21,7 @@ from insight.cache.format import (
     content_key,
     encode_shard,
     exists,
+    file_sha256,
     join,
     resolve_fs,
     sha256,

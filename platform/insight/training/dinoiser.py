@@ -48,10 +48,8 @@ the heads' sha256).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -66,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insight.backbones.dinoiser import HEAD_KEYS, DinoiserHeads
+from insight.cache.format import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +151,6 @@ def clip_mid_features(backbone, images_bchw: torch.Tensor, block: int) -> torch.
         xt = xt + blk.ls_1(blk.attention(blk.ln_1(xt)))
         mid = blk.ln_2(xt)
     return mid[:, 1:].float().transpose(1, 2).reshape(images_bchw.shape[0], -1, gh, gw)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_teacher(tc, crop: int, mode: str | None = None) -> tuple[nn.Module, str, str]:
