@@ -177,7 +177,7 @@ def check_model(ref: str, tracking_uri: str) -> Any:
         if "/" in ref or os.sep in ref or ref.startswith((".", "~")):
             raise ValueError(f"--model {ref}: folder not found; give an existing checkpoint folder,"
                              " models:/name@alias, models:/name/version or an MLflow run id")
-        raise ValueError(f"--model {ref!r}: expected {_REF_FORMS}")
+        raise ValueError(f"--model {ref!r}: no folder of that name, and no model reference: expected {_REF_FORMS}")
     missing = _store_missing(tracking_uri)
     if missing is not None:
         raise ValueError(f"--model {ref}: not found: there is no MLflow store at {missing} (nothing was logged with this"
