@@ -147,3 +147,28 @@ def test_concepts_without_a_champion_says_run_sweep_and_creates_no_store(tmp_pat
     err = last_json(p.stdout)["error"]
     assert "models:/insight@champion: not found" in err and "insight sweep --config" in err
     assert not (tmp_path / "work").exists()
+
+
+def test_jobs_read_the_cluster_address_from_config(tmp_path):
+    """`insight jobs` takes --config/--set like submit, so its "no address" advice can be followed."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-m", "insight.cli", "jobs", "status", "some-job"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120, env=env)
+    assert p.returncode == 2 and "no cluster address" in p.stderr and "cluster.address in the --config file" in p.stderr
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("cluster:\n  address: ray://head:10001\n")
+    p = subprocess.run([sys.executable, "-m", "insight.cli", "jobs", "status", "some-job", "--config", str(cfg)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert p.returncode == 2 and "cluster.address = 'ray://head:10001' is not a Ray dashboard address" in p.stderr
+
+
+def test_quickstart_finds_its_profile_outside_the_repository(tmp_path, monkeypatch):
+    from insight.cli import _quickstart_profile
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the checkout's profile
+    assert _quickstart_profile() == str(ROOT / "configs" / "quickstart.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quickstart.yaml").write_text("name: mine\n")
+    assert _quickstart_profile() == str(tmp_path / "configs" / "quickstart.yaml")  # the working directory's first
