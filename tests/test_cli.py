@@ -20,6 +20,15 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def invoke(*args, env=None):
+    """The CLI in this process (typer's runner): for commands that start nothing, without a Python start-up each."""
+    from typer.testing import CliRunner
+
+    from insight.cli import app
+
+    return CliRunner(env=env).invoke(app, list(args))
+
+
 def test_misspelled_key_fails_before_work(tmp_path):
     p = run_cli("extract", "--config", str(TINY), "--set", f"workdir={tmp_path}", "--set", "cache.shard_imgs=3")
     assert p.returncode == 2
@@ -51,30 +60,30 @@ def test_config_show_prints_yaml_with_secrets_masked():
     import yaml
 
     secret = ("--set", "serve.api_key=s3cret-key", "--set", "tracking.uri=postgresql://u:pa55@db:5432/mlflow")
-    p = run_cli("config", "show", "--config", str(TINY), "--set", "sae.k=5", *secret)
-    assert p.returncode == 0, p.stderr
+    p = invoke("config", "show", "--config", str(TINY), "--set", "sae.k=5", *secret)
+    assert p.exit_code == 0, p.output
     cfg = yaml.safe_load(p.stdout)  # YAML over many lines, not one line of JSON
     assert cfg["sae"]["k"] == 5 and cfg["backbone"]["model"] == "insight-tiny-vit" and p.stdout.count("\n") > 100
     assert cfg["serve"]["api_key"] == "***" and "s3cret" not in p.stdout and "pa55" not in p.stdout
-    p = run_cli("config", "show", "--config", str(TINY), "--json", *secret)
+    p = invoke("config", "show", "--config", str(TINY), "--json", *secret)
     out = last_json(p.stdout)
     assert out["ok"] and out["config"]["serve"]["api_key"] == "***" and "s3cret" not in p.stdout
-    p = run_cli("config", "show", "--config", str(TINY), "--explain")
+    p = invoke("config", "show", "--config", str(TINY), "--explain")
     assert "  # Adam learning rate" in p.stdout and yaml.safe_load(p.stdout)["train"]["lr"] == 0.001
 
 
 def test_config_explain_and_check():
-    p = run_cli("config", "explain", "tasks.bg_threshold")
-    assert p.returncode == 0 and "tasks.bg_threshold: With a background class" in p.stdout
+    p = invoke("config", "explain", "tasks.bg_threshold")
+    assert p.exit_code == 0 and "tasks.bg_threshold: With a background class" in p.stdout
     assert "type:    number" in p.stdout and "default: 0.99" in p.stdout and ">= 0 and <= 1" in p.stdout
-    p = run_cli("config", "explain", "tasks.bg_treshold")
-    assert p.returncode == 2 and "did you mean tasks.bg_threshold" in p.stderr
+    p = invoke("config", "explain", "tasks.bg_treshold")
+    assert p.exit_code == 2 and "did you mean tasks.bg_threshold" in p.stderr
     # `config check` runs what `insight sweep` would reject before its first trial.
-    p = run_cli("config", "check", "--config", str(ROOT / "configs" / "vit-b16-paper.yaml"))
-    assert p.returncode == 0 and last_json(p.stdout)["ok"], p.stderr
-    p = run_cli("config", "check", "--config", str(ROOT / "configs" / "vit-b16-paper.yaml"),
-                "--set", "sweep.space={sae.depth: [1, 3, 6]}")
-    assert p.returncode == 2 and "sweep.space.sae.depth choice 1 makes an invalid config" in p.stderr
+    p = invoke("config", "check", "--config", str(ROOT / "configs" / "vit-b16-paper.yaml"))
+    assert p.exit_code == 0 and last_json(p.stdout)["ok"], p.output
+    p = invoke("config", "check", "--config", str(ROOT / "configs" / "vit-b16-paper.yaml"),
+               "--set", "sweep.space={sae.depth: [1, 3, 6]}")
+    assert p.exit_code == 2 and "sweep.space.sae.depth choice 1 makes an invalid config" in p.stderr
 
 
 # ------------------------------------------------------------------ after `make demo` (README), missing models
@@ -142,8 +151,8 @@ def test_missing_models_list_what_exists_and_say_what_to_run(tiny_model, tmp_pat
 
 
 def test_concepts_without_a_champion_says_run_sweep_and_creates_no_store(tmp_path):
-    p = run_cli("concepts", "--config", str(TINY), "--set", f"workdir={tmp_path / 'work'}", cwd=tmp_path)
-    assert p.returncode == 2
+    p = invoke("concepts", "--config", str(TINY), "--set", f"workdir={tmp_path / 'work'}")
+    assert p.exit_code == 2
     err = last_json(p.stdout)["error"]
     assert "models:/insight@champion: not found" in err and "insight sweep --config" in err
     assert not (tmp_path / "work").exists()
@@ -151,17 +160,12 @@ def test_concepts_without_a_champion_says_run_sweep_and_creates_no_store(tmp_pat
 
 def test_jobs_read_the_cluster_address_from_config(tmp_path):
     """`insight jobs` takes --config/--set like submit, so its "no address" advice can be followed."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    p = subprocess.run([sys.executable, "-m", "insight.cli", "jobs", "status", "some-job"], capture_output=True,
-                       text=True, cwd=tmp_path, timeout=120, env=env)
-    assert p.returncode == 2 and "no cluster address" in p.stderr and "cluster.address in the --config file" in p.stderr
+    p = invoke("jobs", "status", "some-job", env={"RAY_ADDRESS": None})
+    assert p.exit_code == 2 and "no cluster address" in p.stderr and "cluster.address in the --config file" in p.stderr
     cfg = tmp_path / "cluster.yaml"
     cfg.write_text("cluster:\n  address: ray://head:10001\n")
-    p = subprocess.run([sys.executable, "-m", "insight.cli", "jobs", "status", "some-job", "--config", str(cfg)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
-    assert p.returncode == 2 and "cluster.address = 'ray://head:10001' is not a Ray dashboard address" in p.stderr
+    p = invoke("jobs", "status", "some-job", "--config", str(cfg), env={"RAY_ADDRESS": None})
+    assert p.exit_code == 2 and "cluster.address = 'ray://head:10001' is not a Ray dashboard address" in p.stderr
 
 
 def test_quickstart_finds_its_profile_outside_the_repository(tmp_path, monkeypatch):
