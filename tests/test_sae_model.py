@@ -11,6 +11,7 @@ from insight.config import REFERENCE_FRACTIONS, SAEConfig
 from insight.sae import (
     MatryoshkaSAE,
     batch_topk,
+    calibrate_threshold,
     cosine,
     dead_fraction_per_group,
     dead_mask,
@@ -448,6 +449,31 @@ def test_learned_threshold_gives_l0_near_k(planted_run: tuple[MatryoshkaSAE, tor
     with torch.no_grad():
         per_prefix = fvu_per_prefix(x, sae.decode_prefixes(sae.encode_batchtopk(x)))
     assert len(per_prefix) == 2 and per_prefix[1] < per_prefix[0] < 1.0
+
+
+def test_calibrated_threshold_keeps_k_per_token(
+    planted_run: tuple[MatryoshkaSAE, torch.Tensor, torch.Generator],
+) -> None:
+    import copy
+
+    sae, atoms, gen = planted_run
+    sae = copy.deepcopy(sae)
+    with torch.no_grad():
+        sae.threshold.fill_(0.5 * float(sae.threshold))  # a lagging EMA: far too low, L0 well above k
+        x = planted(2048, atoms, gen)
+        assert l0(sae.encode(x)) > 1.5 * ACTIVE
+    batches = [planted(512, atoms, gen) for _ in range(4)]
+    expected = sum(float(sae.encode_batchtopk(b, keep_pre_acts=False).min_kept) for b in batches) / 4
+    seen = []
+
+    def reduce_min(value: torch.Tensor) -> torch.Tensor:  # one worker: the mean over workers is the value
+        seen.append(float(value))
+        return value
+
+    theta = calibrate_threshold(sae, iter(batches), 4, reduce_min=reduce_min)
+    assert theta == pytest.approx(expected, rel=1e-6) and seen == [pytest.approx(expected, rel=1e-6)]
+    with torch.no_grad():
+        assert abs(l0(sae.encode(x)) - ACTIVE) <= 0.1 * ACTIVE
 
 
 def test_metric_functions() -> None:

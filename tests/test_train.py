@@ -29,6 +29,12 @@ def test_two_workers_match_one_worker_and_resume(tiny_cache, tmp_path):
     assert one["val_fvu"] < 0.9 and two["val_fvu"] < 0.9  # both learned something
     assert abs(one["fvu"] - two["fvu"]) < 0.08 and abs(one["val_fvu"] - two["val_fvu"]) < 0.08
     assert abs(one["l0"] - two["l0"]) < 1.0  # BatchTopK: k per token on average in both
+    # thresholded inference on held-out images keeps about k concepts per token with one worker and with two
+    # (the threshold is calibrated under the final weights; workers' batch minima are averaged, not min'ed)
+    for res in (one, two):
+        assert res["k"] == 8 and res["threshold"] > 0
+        assert res["val_l0_per_k"] == pytest.approx(res["val_l0"] / 8)
+        assert abs(res["val_l0_per_k"] - 1.0) <= 0.25, res
 
     import mlflow
 
@@ -37,6 +43,7 @@ def test_two_workers_match_one_worker_and_resume(tiny_cache, tmp_path):
     assert run.data.tags["insight.cache_key"] == two["cache_key"]
     hist = client.get_metric_history(two["run_id"], "fvu")
     assert [m.step for m in hist][-1] == 30 and len(hist) >= 3
+    assert client.get_metric_history(two["run_id"], "val_l0_per_k")[-1].value == pytest.approx(two["val_l0_per_k"])
     arts = {a.path for a in client.list_artifacts(two["run_id"], "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= arts
 
@@ -53,6 +60,32 @@ def test_two_workers_match_one_worker_and_resume(tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         train(_cfg(tiny_cache, tmp_path / "other", "train.max_steps=4"), resume=True)
 
+
+
+def _reduce_on_rank(rank: int, store: str, values: list[float], out: str) -> None:
+    import torch.distributed as dist
+
+    from insight.training.sae import reduce_min_kept
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        got = [float(reduce_min_kept(v)) for v in values[rank::2]]
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+
+
+def test_threshold_sample_is_the_mean_of_two_workers_minima(tmp_path):
+    """The trainer's reduction between two real gloo ranks: the mean of the positive minima (not their min)."""
+    import torch.multiprocessing as mp
+
+    # per step: (rank 0's minimum, rank 1's minimum)
+    steps = [(0.2, 0.4), (0.5, 0.0), (0.0, 0.0)]  # 0.0: that worker's batch kept nothing positive
+    values = [v for pair in steps for v in pair]
+    mp.spawn(_reduce_on_rank, args=(str(tmp_path / "store"), values, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == pytest.approx([0.3, 0.5, 0.0])  # both ranks hold the same sample; min would give 0.2
 
 
 def _worker_pids():

@@ -184,6 +184,11 @@ class CacheConfig(Section):
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of images held out for validation (by id hash)."
     )
+    verify: Literal["sha256", "size"] = Field(
+        "sha256", description="What train, sweep and concepts check of every shard before they start: sha256 reads "
+        "the cache once and compares each shard with the manifest's checksum; size only compares file sizes "
+        "(for very large remote caches). Every shard read is checksummed either way.",
+    )
 
 
 class ExtractConfig(Section):
@@ -227,6 +232,13 @@ class SAEConfig(Section):
     )
     threshold_start_step: int = Field(
         1000, ge=0, description="Training step from which the inference threshold is tracked."
+    )
+    threshold_calibration_batches: int = Field(
+        8, ge=0,
+        description="At the end of training the inference threshold is set to the mean, over this many train"
+        " batches (and over workers), of the smallest activation BatchTopK keeps under the final weights, so"
+        " thresholded inference keeps k concepts per token on average; the EMA lags behind a short run."
+        " 0: keep the EMA (the reference).",
     )
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from insight.sae.sparse import (
 )
 from insight.sae.step import (
     SAECheckpoint,
+    calibrate_threshold,
     keep_freed_memory,
     load_checkpoint,
     load_sae,
@@ -36,6 +37,7 @@ __all__ = [
     "SAECheckpoint",
     "SparseCodes",
     "batch_topk",
+    "calibrate_threshold",
     "choose_decode",
     "cosine",
     "dead_fraction_per_group",

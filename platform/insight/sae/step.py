@@ -5,6 +5,17 @@ distributed trainer wraps the model in DDP (the step calls ``model(x)`` so
 DDP's hooks fire) and passes ``reduce_fired`` / ``reduce_min`` so that the
 dead-concept counters and the inference threshold agree across workers.
 
+The inference threshold theta estimates the activation above which k
+concepts per token fire: each batch's smallest kept BatchTopK activation is
+the k*B-th largest of the batch, a sample of that quantile. Workers each see
+B/W tokens, so each worker's minimum is a sample of the same quantile and the
+right reduction is their mean (``reduce_min``); their minimum is biased low
+(theta too small, L0 above k). During training theta is the reference EMA of
+these samples; the EMA lags behind an encoder that still moves (measured on
+the quickstart: theta 0.044 against a final-weights value of 0.032 after
+~110 steps, train L0 10 at k = 16), so `calibrate_threshold` re-estimates it
+from a few batches under the final weights when training ends.
+
 Checkpoints are a directory with ``model.safetensors`` (weights and buffers),
 ``config.json`` (model shape, the caller's config, step, optimizer scalars)
 and optionally ``optimizer.safetensors`` (optimizer state tensors). Never
@@ -19,7 +30,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,7 +112,8 @@ def train_step(
 
     ``reduce_fired(fired_m, n_tokens) -> (fired_m, n_tokens)`` and
     ``reduce_min(min_kept) -> min_kept`` let a distributed caller all-reduce
-    (sum, resp. min) before the counters and theta are updated. ``step`` is
+    (sum, resp. the mean of the workers' positive minima: module doc) before
+    the counters and theta are updated. ``step`` is
     the 0-based global step (the threshold EMA starts at
     ``cfg.threshold_start_step``). ``group_weights`` overrides
     ``cfg.group_weights``. Initialisation is the caller's: call
@@ -151,6 +163,32 @@ def train_step(
     out["min_kept"] = float(min_kept)
     out["dead_fraction"] = float(dead_m.float().mean())
     return out
+
+
+@torch.no_grad()
+def calibrate_threshold(
+    model: nn.Module, batches: Iterator[Tensor], n_batches: int, *, reduce_min: MinReducer | None = None
+) -> float | None:
+    """Set theta to the mean BatchTopK minimum of ``n_batches`` batches under the current weights.
+
+    Batches without a positive kept activation are skipped; with a
+    ``reduce_min`` (the trainer's mean over workers) every worker must call
+    this with the same ``n_batches``. Returns the new theta, or None (theta
+    unchanged) when nothing positive was kept anywhere.
+    """
+    sae = unwrap(model)
+    total, n = 0.0, 0
+    for _ in range(n_batches):
+        x_bd = next(batches).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+        m = float(sae.encode_batchtopk(x_bd, keep_pre_acts=False).min_kept)
+        if m > 0:
+            total, n = total + m, n + 1
+    local = torch.tensor(total / n if n else 0.0, dtype=torch.float32)
+    theta = reduce_min(local) if reduce_min is not None else local
+    if float(theta) <= 0:
+        return None
+    sae.threshold.fill_(float(theta))
+    return float(sae.threshold)
 
 
 # ------------------------------------------------------------------ checkpoints

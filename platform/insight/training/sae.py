@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,19 @@ def _reduce_fired(fired_m, n_tokens: int):
     return packed[:-1].round().to(fired_m.dtype), int(packed[-1].item())
 
 
-def _reduce_min(min_kept):
+def reduce_min_kept(min_kept):
+    """The threshold sample of a step over all workers: the mean of the workers' positive BatchTopK minima.
+
+    Each worker's minimum is a sample of the same activation quantile (`insight.sae.step`); their
+    minimum, used before, is biased low. A worker that kept nothing positive (0) does not count.
+    """
     import torch
 
-    t = torch.as_tensor(min_kept, dtype=torch.float32).clone().reshape(1)
-    return _all_reduce(t, "MIN")[0]
+    m = torch.as_tensor(min_kept, dtype=torch.float64).reshape(())
+    kept = (m > 0).double()
+    packed = torch.stack([m * kept, kept])  # on the tensor's device: nccl reduces GPU tensors only
+    _all_reduce(packed, "SUM")
+    return (packed[0] / packed[1].clamp_min(1.0)).float()
 
 
 def evaluate(sae, x_nd, batch: int = 8192) -> dict[str, float]:
@@ -102,7 +111,10 @@ def evaluate(sae, x_nd, batch: int = 8192) -> dict[str, float]:
             zs.append(z)
             xh.append(sae.decode(z))
         z_nm, xh_nd = torch.cat(zs), torch.cat(xh)
-        return {"val_fvu": fvu(x_nd, xh_nd), "val_cosine": cosine(x_nd, xh_nd), "val_l0": l0(z_nm)}
+        val_l0 = l0(z_nm)
+        # val_l0_per_k: how far thresholded inference strays from the k concepts per token BatchTopK trained with
+        return {"val_fvu": fvu(x_nd, xh_nd), "val_cosine": cosine(x_nd, xh_nd), "val_l0": val_l0,
+                "val_l0_per_k": val_l0 / sae.k}
 
 
 def _batches_local(reader, per_worker: int, val_fraction: float, seed: int):
@@ -137,7 +149,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from insight.cache import CacheReader
     from insight.config import InsightConfig
-    from insight.sae import MatryoshkaSAE, load_checkpoint, make_optimizer, save_sae, train_step
+    from insight.sae import MatryoshkaSAE, calibrate_threshold, load_checkpoint, make_optimizer, save_sae, train_step
 
     cfg = InsightConfig.model_validate(config["cfg"])
     session = _Session(config.get("runner", "train"))
@@ -207,10 +219,15 @@ def train_loop(config: dict[str, Any]) -> None:
         x = next(batches).to(device, non_blocking=True)
         logs = train_step(model, opt, x, cfg.sae, step, grad_clip=cfg.train.grad_clip,
                           reduce_fired=_reduce_fired if reduce else None,
-                          reduce_min=_reduce_min if reduce else None)
+                          reduce_min=reduce_min_kept if reduce else None)
         step += 1
         tokens_last += len(x) * world
         last = step == total_steps
+        if last and cfg.sae.threshold_calibration_batches:
+            theta = calibrate_threshold(model, batches, cfg.sae.threshold_calibration_batches,
+                                        reduce_min=reduce_min_kept if reduce else None)
+            if theta is not None:
+                logs["threshold"] = theta
         if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or last:
             now = time.perf_counter()
             metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
@@ -265,12 +282,36 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 
 
 def resolve_cache(cfg) -> str:
-    """The cache this config trains on: ``train.cache`` or the (idempotent) extraction."""
-    if cfg.train.cache:  # absolute: Tune trials run in their own folders
-        return cfg.train.cache if "://" in cfg.train.cache else os.path.abspath(cfg.train.cache)
-    from insight.cache.extract import extract
+    """The cache this config trains on: ``train.cache`` or the (idempotent) extraction.
 
-    return extract(cfg, progress=False)["cache"]
+    Every shard is checked against the manifest first (``cache.verify``), so a truncated or altered
+    shard fails the step here, naming the shard, before Ray Train or Tune start a worker.
+    """
+    from insight.cache import CacheReader
+
+    if cfg.train.cache:  # absolute: Tune trials run in their own folders
+        location = cfg.train.cache if "://" in cfg.train.cache else os.path.abspath(cfg.train.cache)
+    else:
+        from insight.cache.extract import extract
+
+        location = extract(cfg, progress=False)["cache"]
+    CacheReader(location).check(checksums=cfg.cache.verify == "sha256")
+    return location
+
+
+@contextmanager
+def _shard_errors_named():
+    """A shard that goes bad during training fails a Ray Data task inside a worker; re-raise the
+    CacheError that names it instead of Ray's WorkerGroupError and its remote traceback."""
+    from insight.cache import cache_error_in
+
+    try:
+        yield
+    except Exception as exc:
+        bad = cache_error_in(exc)
+        if bad is None or bad is exc:
+            raise
+        raise bad from None
 
 
 def _train_dataset(reader, cfg):
@@ -340,7 +381,7 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
             f"train.num_workers x train.cpus_per_worker = {need:g} CPUs leaves less than half a CPU of the "
             f"cluster's {total_cpus:g} for streaming data; lower train.cpus_per_worker or add CPUs")
     t0 = time.perf_counter()
-    with tracking.step_run(cfg, "train", tags={"insight.cache_key": reader.key}) as run:
+    with tracking.step_run(cfg, "train", tags={"insight.cache_key": reader.key}) as run, _shard_errors_named():
         mlflow.set_tag("insight.cache", cache)
         mlflow.log_param("total_steps", total_steps)
         final = Path(cfg.workdir).resolve() / "runs" / name / "sae"
@@ -370,7 +411,8 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
         return {
             "run_id": run.info.run_id, "checkpoint": str(final), "cache": cache, "cache_key": reader.key,
             "steps": int(metrics.get("step", total_steps)), "fvu": metrics.get("fvu"), "l0": metrics.get("l0"),
-            "val_fvu": metrics.get("val_fvu"), "val_l0": metrics.get("val_l0"),
+            "val_fvu": metrics.get("val_fvu"), "val_l0": metrics.get("val_l0"), "k": cfg.sae.k,
+            "val_l0_per_k": metrics.get("val_l0_per_k"), "threshold": metrics.get("threshold"),
             "tokens_per_s": metrics.get("tokens_per_s"), "resumed_from": metrics.get("resumed_from"),
             "num_workers": cfg.train.num_workers, "wall_s": wall,
         }
