@@ -215,3 +215,15 @@ def test_sweep_space_error_says_how_to_fix_it():
     msg = str(err.value)
     assert "sweep.space.sae.depth choice 1 makes an invalid config" in msg
     assert "sae.depth=1 disagrees with 6 sae.group_fractions" in msg and "drop it from sweep.space.sae.depth" in msg
+
+
+def test_sweep_space_combinations_are_checked_too():
+    """Each choice alone is valid here, but depth 3 with two fractions is not: a grid would fail that trial."""
+    from insight.sweeps.tune import validate_space
+
+    cfg = load_config(None, ["sweep.space={sae.depth: [2, 3], sae.group_fractions: [[0.5, 0.5]]}"])
+    with pytest.raises(ConfigError) as err:
+        validate_space(cfg)
+    msg = str(err.value)
+    assert "sweep.space combination {'sae.depth': 3, 'sae.group_fractions': [0.5, 0.5]}" in msg
+    assert "sae.depth=3 disagrees with 2 sae.group_fractions" in msg and "sweep them in separate sweeps" in msg

@@ -42,20 +42,36 @@ def _search_space(cfg) -> dict[str, Any]:
     return space
 
 
+MAX_CHECKED_COMBINATIONS = 512  # a space up to this size has every combination validated (milliseconds each)
+
+
 def validate_space(cfg) -> None:
-    """Every choice of every key must give a valid config: fail before any trial starts."""
+    """Every choice of every key, and every combination of choices (a grid runs them all, random search
+    may draw any) when there are at most `MAX_CHECKED_COMBINATIONS`, must give a valid config: fail
+    before any trial starts, naming the choice and what to change."""
+    import itertools
+
     from insight.config import ConfigError, config_with
 
-    for key, choices in cfg.sweep.space.items():
+    def check(overrides: dict[str, Any], what: str, fix: str) -> None:
+        try:
+            config_with(cfg, overrides)
+        except ConfigError as exc:
+            problems = str(exc).split(":\n", 1)[-1]  # the problems, without the "invalid config (...)" line
+            raise ConfigError(f"{what} makes an invalid config:\n{problems}\nEvery choice of sweep.space must be"
+                              f" valid with the rest of the config: {fix} (`insight config check` tests a config"
+                              " and its sweep space)") from None
+
+    space = cfg.sweep.space
+    for key, choices in space.items():
         for choice in choices:
-            try:
-                config_with(cfg, {key: choice})
-            except ConfigError as exc:
-                problems = str(exc).split(":\n", 1)[-1]  # the problems, without the "invalid config (...)" line
-                raise ConfigError(f"sweep.space.{key} choice {choice!r} makes an invalid config:\n{problems}\n"
-                                  f"Every choice of sweep.space must be valid with the rest of the config: drop it"
-                                  f" from sweep.space.{key} or change the setting it conflicts with"
-                                  f" (`insight config check` tests a config and its sweep space)") from None
+            check({key: choice}, f"sweep.space.{key} choice {choice!r}",
+                  f"drop it from sweep.space.{key} or change the setting it conflicts with")
+    if 1 < len(space) and math.prod(len(c) for c in space.values()) <= MAX_CHECKED_COMBINATIONS:
+        for values in itertools.product(*space.values()):
+            combo = dict(zip(space, values, strict=True))
+            check(combo, f"sweep.space combination {combo}",
+                  "these keys' choices conflict with each other; sweep them in separate sweeps or drop one")
 
 
 def trial_fn(config: dict[str, Any]) -> None:
