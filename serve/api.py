@@ -8,6 +8,15 @@ while it streams in, the content type is checked before the body is read,
 and images are checked from their header before they are decoded
 (``serve.images``). Every refusal is a 4xx with ``{"error": {"code",
 "message"}}``.
+
+What one request may cost is bounded: header count and size (431), the body
+(413), the time to send it (``serve.body_timeout_s``, 408), the request's
+deadline (``serve.request_timeout_s``), JSON structure (counted before
+parsing, nesting depth caught), text (only valid Unicode scalar values),
+bodies held at once (``serve.body_memory_bytes``, 429) and decodes running at
+once (``serve.decode_memory_bytes``, requests wait their turn). The Ray Serve
+proxy in front reads headers and bodies before the app sees them; what it
+does not bound is listed in the README's serving section.
 """
 
 from __future__ import annotations
@@ -15,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +44,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serve import render
 from serve.errors import STATUS_CODES, ApiError, error_body
-from serve.images import Decoded, center_view, decode_image, fit_short_side
+from serve.images import center_view, decode_image, fit_short_side, inspect_image, plain_words
 from serve.schemas import (
     ClassifyBody,
     ConceptPage,
@@ -48,8 +59,11 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 OPEN_PATHS = frozenset({"/healthz"})
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's script and style, from the fastapi-offline package
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+PUBLIC_LIMITS = ("max_body_bytes", "max_pixels", "max_aspect", "max_jpeg_scans", "max_classes", "max_class_chars",
+                 "max_top_k", "max_batch_size", "body_timeout_s", "request_timeout_s", "max_headers", "max_header_bytes")
 DEFAULT_TOP_K = 8
 DEFAULT_SEGMENT_TOP_K = 5
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff")
@@ -71,18 +85,55 @@ class Backend(Protocol):
 # ------------------------------------------------------------------ guards
 
 
+class Budget:
+    """Bytes a replica may hold at once for one purpose (bodies, decodes); asyncio, one event loop.
+
+    ``take`` admits a request when it fits, or when nothing else holds any (so one item larger
+    than the whole budget still runs, alone); ``try_take`` never waits.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.capacity
+
+    def try_take(self, n: int) -> bool:
+        if not self._fits(n):
+            return False
+        self.used += n
+        return True
+
+    async def take(self, n: int) -> None:
+        async with self._freed:
+            await self._freed.wait_for(lambda: self._fits(n))
+            self.used += n
+
+    async def give(self, n: int) -> None:
+        async with self._freed:
+            self.used -= n
+            self._freed.notify_all()
+
+
 class Guard:
-    """ASGI middleware: the API key and the declared body size, before any routing or reading.
+    """ASGI middleware, before any routing or reading: header limits, the API key, the declared body
+    size, the bodies held at once, and the request's deadline.
 
     The key comes as ``X-API-Key`` or as the password of HTTP Basic auth, so a
     browser can open the page (it asks once and then sends the credentials on
     the page's own requests). Compared in constant time.
     """
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, api_key: str | None, limits: Any, bodies: Budget) -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
-        self.max_body = max_body_bytes
+        self.max_body = limits.max_body_bytes
+        self.max_headers = limits.max_headers
+        self.max_header_bytes = limits.max_header_bytes
+        self.deadline = limits.request_timeout_s
+        self.bodies = bodies
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key")
@@ -97,43 +148,149 @@ class Guard:
             return hmac.compare_digest(password, self.key)
         return False
 
+    @staticmethod
+    async def _refuse(scope: dict, receive: Any, send: Any, status: int, code: str, message: str,
+                      headers: dict[str, str] | None = None) -> None:
+        await JSONResponse(error_body(code, message), status_code=status, headers=headers)(scope, receive, send)
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        size = sum(len(k) + len(v) + 4 for k, v in raw)
+        if len(raw) > self.max_headers or size > self.max_header_bytes:
+            return await self._refuse(scope, receive, send, 431, "headers_too_large",
+                                      f"{len(raw)} header lines, {size:,} bytes; the limits are {self.max_headers} "
+                                      f"lines (serve.max_headers) and {self.max_header_bytes:,} bytes "
+                                      "(serve.max_header_bytes)", {"Connection": "close"})
+        headers = {k.lower(): v for k, v in raw}
         if self.key is not None and scope.get("path") not in OPEN_PATHS and not self._authorised(headers):
-            resp = JSONResponse(
-                error_body("unauthorized", "missing or wrong API key: send it in the X-API-Key header"),
-                status_code=401, headers={"WWW-Authenticate": 'Basic realm="insight"'})
-            return await resp(scope, receive, send)
+            return await self._refuse(scope, receive, send, 401, "unauthorized",
+                                      "missing or wrong API key: send it in the X-API-Key header",
+                                      {"WWW-Authenticate": 'Basic realm="insight"'})
+        declared = 0
         length = headers.get(b"content-length")
         if length is not None:
             try:
-                n = int(length)
+                declared = int(length)
             except ValueError:
-                n = -1
-            if n < 0:
-                resp = JSONResponse(error_body("bad_request", f"invalid Content-Length {length[:40]!r}"),
-                                    status_code=400)
-                return await resp(scope, receive, send)
-            if n > self.max_body:
-                resp = JSONResponse(error_body(
-                    "body_too_large", f"the body is {n:,} bytes; the limit is {self.max_body:,} (serve.max_body_bytes)"),
-                    status_code=413, headers={"Connection": "close"})
-                return await resp(scope, receive, send)
-        return await self.app(scope, receive, send)
+                declared = -1
+            if declared < 0 or len(length) > 19:
+                return await self._refuse(scope, receive, send, 400, "bad_request",
+                                          f"invalid Content-Length {length[:40]!r}")
+            if declared > self.max_body:
+                return await self._refuse(
+                    scope, receive, send, 413, "body_too_large",
+                    f"the body is {declared:,} bytes; the limit is {self.max_body:,} (serve.max_body_bytes)",
+                    {"Connection": "close"})
+        if declared and not self.bodies.try_take(declared):
+            return await self._refuse(scope, receive, send, 429, "too_many_requests",
+                                      "the server holds as many request bodies as it may "
+                                      "(serve.body_memory_bytes); retry shortly", {"Retry-After": "1"})
+        held = declared
+        started = body_done = False
+
+        async def counted_receive() -> dict:
+            nonlocal held
+            nonlocal body_done
+            message = await receive()
+            if message.get("type") == "http.request":
+                body_done = not message.get("more_body", False)
+                extra = len(message.get("body", b""))
+                got = counted[0] + extra
+                counted[0] = got
+                if got > held:  # an undeclared (chunked) body: hold its bytes as they come
+                    if not self.bodies.try_take(got - held):
+                        raise ApiError(429, "too_many_requests", "the server holds as many request bodies as it "
+                                       "may (serve.body_memory_bytes); retry shortly", {"Retry-After": "1"})
+                    held = got
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        counted = [0]
+        try:
+            async with asyncio.timeout(self.deadline):
+                await self.app(scope, counted_receive, tracked_send)
+        except TimeoutError:
+            if not started:
+                status, code = (503, "deadline_exceeded") if body_done else (408, "request_timeout")
+                await self._refuse(scope, receive, send, status, code,
+                                   f"the request did not finish within {self.deadline:g} s (serve.request_timeout_s)",
+                                   {"Connection": "close"})
+        finally:
+            if held:
+                await self.bodies.give(held)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused as soon as it passes ``limit`` (chunked uploads have no length)."""
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refused as soon as it passes ``limit`` (chunked uploads have no length)
+    or when it takes longer than ``timeout_s`` to arrive (a client that sends slowly, or stops)."""
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise ApiError(413, "body_too_large",
-                           f"the body passed {limit:,} bytes while streaming in; the limit is {limit:,}"
-                           " (serve.max_body_bytes)", headers={"Connection": "close"})
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise ApiError(413, "body_too_large",
+                                   f"the body passed {limit:,} bytes while streaming in; the limit is {limit:,}"
+                                   " (serve.max_body_bytes)", headers={"Connection": "close"})
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s "
+                       f"({len(buf):,} bytes came; serve.body_timeout_s)", headers={"Connection": "close"}) from None
     return bytes(buf)
+
+
+def json_items_limit(limits: Any) -> int:
+    """Most ``,`` ``[`` ``{`` a valid JSON request can hold: every class name could be full of commas."""
+    return 64 + limits.max_classes * (limits.max_class_chars + 2)
+
+
+def parse_json(data: bytes | str, limits: Any, what: str = "the body") -> Any:
+    """JSON from untrusted bytes: UTF-8 only, its structure counted before it is parsed (a 2 MB body of
+    a million empty lists would cost hundreds of MB as Python objects), nesting depth caught."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, "invalid_text", f"{what} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    items = data.count(",") + data.count("[") + data.count("{")
+    cap = json_items_limit(limits)
+    if items > cap:
+        raise ApiError(400, "json_too_complex", f"{what} holds {items:,} JSON commas, arrays and objects; a valid "
+                       f"request needs at most {cap:,} (from serve.max_classes and serve.max_class_chars)")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ApiError(400, "json_too_deep", f"{what} is JSON nested too deeply to be a valid request") from None
+    except ValueError as exc:
+        raise ApiError(400, "malformed_json", f"{what} is not valid JSON: {exc}"[:300]) from None
+
+
+def check_text(text: str, what: str) -> str:
+    """Only Unicode scalar values: a lone surrogate (``\\ud800``) cannot be encoded in any answer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, "invalid_text", f"{what} is not valid Unicode text: it holds the lone surrogate "
+                       f"U+{ord(text[exc.start]):04X} at character {exc.start}") from None
+    return text
+
+
+def _precheck(data: dict[str, Any], model: type[BaseModel], limits: Any) -> None:
+    """Cheap checks before pydantic builds anything: field names, and the count of class names."""
+    unknown = [k for k in data if k not in model.model_fields]
+    if unknown:
+        shown = ", ".join(ascii(k)[:60] for k in unknown[:5])
+        raise ApiError(422, "invalid_request", f"unknown field(s) {shown}; allowed: {', '.join(model.model_fields)}")
+    classes = data.get("classes")
+    if isinstance(classes, list) and len(classes) > limits.max_classes:
+        raise ApiError(400, "too_many_classes",
+                       f"{len(classes):,} class names; the limit is {limits.max_classes} (serve.max_classes)")
 
 
 def _b64(text: str) -> bytes:
@@ -155,22 +312,38 @@ def _validation_message(exc: ValidationError | RequestValidationError, prefix: s
     return "; ".join(parts)[:500] or "invalid request"
 
 
-def _classes_field(value: str) -> list[str]:
+class StrictMultiPartParser(MultiPartParser):
+    """Starlette's parser, except that a text field that is not UTF-8 is refused: Starlette would decode
+    it as Latin-1 and hand on mojibake (the raw bytes of a lone surrogate become 'í\\xa0\\x80')."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ApiError(400, "invalid_text", f"the multipart field {ascii(part.field_name)[:60]} is not "
+                               f"UTF-8 text (invalid byte at offset {exc.start})") from None
+        super().on_part_end()
+
+
+def _classes_field(value: str, limits: Any) -> list[str]:
     """A multipart ``classes`` field: a JSON list, or names separated by commas or new lines."""
     value = value.strip()
     if value.startswith("["):
-        try:
-            parsed = json.loads(value)
-        except ValueError as exc:
-            raise ApiError(400, "malformed_json", f"the 'classes' field is not a valid JSON list: {exc}") from None
+        parsed = parse_json(value, limits, "the 'classes' field")
         if not isinstance(parsed, list) or not all(isinstance(c, str) for c in parsed):
             raise ApiError(422, "invalid_request", "the 'classes' field must be a JSON list of strings")
-        return parsed
-    sep = "\n" if "\n" in value else ","
-    return value.split(sep)
+        names = parsed
+    else:
+        names = value.split("\n" if "\n" in value else ",")
+    if len(names) > limits.max_classes:
+        raise ApiError(400, "too_many_classes",
+                       f"{len(names):,} class names; the limit is {limits.max_classes} (serve.max_classes)")
+    return names
 
 
-async def parse_image_request(request: Request, model: type[BaseModel], max_body: int) -> tuple[bytes, dict[str, Any]]:
+async def parse_image_request(request: Request, model: type[BaseModel], limits: Any) -> tuple[bytes, dict[str, Any]]:
     """(image bytes, the other validated fields) from multipart, JSON or a raw image body."""
     ctype = request.headers.get("content-type", "")
     media = ctype.split(";", 1)[0].strip().lower()
@@ -178,17 +351,16 @@ async def parse_image_request(request: Request, model: type[BaseModel], max_body
     if media not in ("application/json", "multipart/form-data") and not raw_ok:
         shown = repr(ctype[:80]) if ctype else "none"
         raise ApiError(415, "unsupported_media_type", f"Content-Type {shown} is not accepted; send {ACCEPTED}")
-    body = await read_body(request, max_body)
+    body = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
     if not body:
         raise ApiError(400, "empty_body", "the request body is empty; it must carry an image")
     fields: dict[str, Any]
     if media == "application/json":
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}"[:300]) from None
+        data = parse_json(body, limits)
+        del body
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_request", f"the JSON body must be an object, not {type(data).__name__}")
+        _precheck(data, model, limits)
         try:
             parsed = model.model_validate(data)
         except ValidationError as exc:
@@ -199,17 +371,19 @@ async def parse_image_request(request: Request, model: type[BaseModel], max_body
         async def once():
             yield body
 
-        parser = MultiPartParser(request.headers, once(), max_files=1, max_fields=16, max_part_size=64 * 1024)
+        parser = StrictMultiPartParser(request.headers, once(), max_files=1, max_fields=16, max_part_size=64 * 1024)
         try:
             form = await parser.parse()
+        except ApiError:
+            raise
         except MultiPartException as exc:
             raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {exc.message}") from None
         except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is the body's fault
-            raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {exc}"[:300]) from None
+            raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {plain_words(exc)}") from None
         try:
             image = form.get("image")
             if image is None:
-                names = ", ".join(sorted(set(form.keys()))) or "none"
+                names = ", ".join(ascii(k)[:40] for k in sorted(set(form.keys()))) or "none"
                 raise ApiError(400, "missing_image", f"the multipart body has no 'image' file field (fields: {names})")
             if not isinstance(image, UploadFile):
                 raise ApiError(400, "missing_image", "the multipart field 'image' must be a file upload, not text")
@@ -220,11 +394,11 @@ async def parse_image_request(request: Request, model: type[BaseModel], max_body
                 if key == "image":
                     continue
                 if key not in allowed:
-                    raise ApiError(422, "invalid_request",
-                                   f"unknown multipart field {key!r}; allowed: image, {', '.join(sorted(allowed))}")
+                    raise ApiError(422, "invalid_request", f"unknown multipart field {ascii(key)[:60]}; "
+                                   f"allowed: image, {', '.join(sorted(allowed))}")
                 if not isinstance(value, str):
                     raise ApiError(422, "invalid_request", f"the multipart field {key!r} must be text, not a file")
-                fields[key] = _classes_field(value) if key == "classes" else value
+                fields[key] = _classes_field(value, limits) if key == "classes" else value
             try:
                 parsed = model.model_validate({"image_b64": "", **fields})
             except ValidationError as exc:
@@ -233,6 +407,15 @@ async def parse_image_request(request: Request, model: type[BaseModel], max_body
         finally:
             await form.close()
     return body, {}
+
+
+def _fidelity(raw: Any, info: dict[str, Any]) -> dict[str, float]:
+    """How well the concepts reconstruct this view (cosine, FVU, L0) and, from the model's training run,
+    the images held out from training (``val_*``): a low figure on both says the model, not the photo."""
+    out = {"cosine": round(raw.cosine, 6), "fvu": round(raw.fvu, 6), "l0": round(raw.l0, 3)}
+    metrics = info.get("metrics") or {}
+    out.update({key: round(float(metrics[key]), 6) for key in ("val_cosine", "val_fvu") if key in metrics})
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def check_top_k(value: int | None, default: int, limit: int) -> int:
@@ -250,7 +433,7 @@ def check_classes(classes: list[str] | None, max_classes: int, max_chars: int) -
                        f"{len(classes)} class names; the limit is {max_classes} (serve.max_classes)")
     out = []
     for i, c in enumerate(classes):
-        name = " ".join(str(c).split())
+        name = " ".join(check_text(str(c), f"class name {i}").split())
         if not name:
             raise ApiError(400, "empty_class_name", f"class name {i} is empty")
         if len(name) > max_chars:
@@ -260,7 +443,7 @@ def check_classes(classes: list[str] | None, max_classes: int, max_chars: int) -
     seen: set[str] = set()
     for name in out:
         if name.lower() in seen:
-            raise ApiError(400, "duplicate_class", f"class name {name!r} is given twice")
+            raise ApiError(400, "duplicate_class", f"class name {ascii(name)[:80]} is given twice")
         seen.add(name.lower())
     return out
 
@@ -270,17 +453,20 @@ def check_classes(classes: list[str] | None, max_classes: int, max_chars: int) -
 
 def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
     """The FastAPI app: ``limits`` is the ServeConfig, ``info`` the model's description."""
-    app = FastAPI(
+    from fastapi_offline import FastAPIOffline
+
+    app = FastAPIOffline(
         title="Insight",
         version="1",
         description="Concept explanations, segmentation and classification through a hierarchical SAE on CLIP "
         "patch features. Errors are `{\"error\": {\"code\", \"message\"}}`; with serve.api_key set, every route "
         "but /healthz needs the `X-API-Key` header (or HTTP Basic auth with the key as password).",
-        docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+        docs_url="/docs", redoc_url=None, openapi_url="/openapi.json", static_url=DOCS_ASSETS,
         responses={400: {"model": ErrorAnswer}, 401: {"model": ErrorAnswer}, 413: {"model": ErrorAnswer},
                    415: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}},
     )
-    app.add_middleware(Guard, api_key=limits.api_key, max_body_bytes=limits.max_body_bytes)
+    bodies, decodes = Budget(limits.body_memory_bytes), Budget(limits.decode_memory_bytes)
+    app.add_middleware(Guard, api_key=limits.api_key, limits=limits, bodies=bodies)
     model_ref = {k: info.get(k) for k in ("name", "version", "run_id", "uri")}
     image_size = int(info["image_size"])
     n_concepts = int(info["n_concepts"])
@@ -304,27 +490,39 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal", f"internal error: {type(exc).__name__}"), status_code=500)
 
-    async def decode(data: bytes, min_side: int) -> Decoded:
-        return await asyncio.to_thread(decode_image, data, limits.max_pixels, min_side)
+    @contextlib.asynccontextmanager
+    async def decoded(data: bytes, min_side: int):
+        """Decode within the replica's decode-memory budget (checked from the header first); the
+        budget is held until the caller has cut the view it needs and dropped the full image."""
+        head = inspect_image(data, limits.max_pixels, limits.max_aspect, limits.max_jpeg_scans)
+        await decodes.take(head.decode_bytes)
+        try:
+            yield await asyncio.to_thread(decode_image, data, limits.max_pixels, min_side,
+                                          max_aspect=limits.max_aspect, max_jpeg_scans=limits.max_jpeg_scans)
+        finally:
+            await decodes.give(head.decode_bytes)
+
+    async def view_of(data: bytes) -> tuple[dict[str, Any], Any]:
+        """(the upload's width/height/format, the model's view) with the decode's memory released."""
+        async with decoded(data, image_size) as img:
+            return ({"width": img.width, "height": img.height, "format": img.format},
+                    await asyncio.to_thread(center_view, img, image_size))
 
     # -------------------------------------------------------------- routes
 
     @app.get("/healthz", response_model=HealthAnswer, tags=["meta"])
     async def healthz() -> JSONResponse:
-        """Liveness and readiness: the model replicas answer. Open even when an API key is set."""
-        try:
-            ok = await asyncio.wait_for(backend.ping(), timeout=10)
-        except Exception:  # noqa: BLE001 - any failure here means "not ready"
-            ok = False
-        if not ok:
-            return JSONResponse({"status": "unavailable", "model": None}, status_code=503)
-        return JSONResponse({"status": "ok", "model": info.get("uri")})
+        """Liveness: the HTTP side answers (Serve only routes here once the model replicas are up).
+
+        Open even when an API key is set, so it says nothing else; it never waits on the model,
+        so it answers while the model is saturated.
+        """
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/model", tags=["meta"])
     async def model_info() -> dict[str, Any]:
         """Model version, run, config, metrics, and the shape of its concept dictionary."""
-        return {**info, "limits": {k: getattr(limits, k) for k in (
-            "max_body_bytes", "max_pixels", "max_classes", "max_class_chars", "max_top_k", "max_batch_size")}}
+        return {**info, "limits": {k: getattr(limits, k) for k in PUBLIC_LIMITS}}
 
     @app.post("/v1/explain", response_model=ExplainAnswer, tags=["explain"], openapi_extra=_image_body(ExplainBody))
     async def explain(request: Request, top_k: int | None = Query(None, description="Concepts to list (default 8)."),
@@ -332,22 +530,22 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
                       ) -> JSONResponse:
         """The image's top concepts: names, scores, level, hierarchy path and a heatmap each."""
         t0 = time.perf_counter()
-        data, fields = await parse_image_request(request, ExplainBody, limits.max_body_bytes)
+        data, fields = await parse_image_request(request, ExplainBody, limits)
         k = check_top_k(fields.get("top_k", top_k), DEFAULT_TOP_K, limits.max_top_k)
         fmt = fields.get("format", format) or "png"
-        img = await decode(data, image_size)
-        view = center_view(img, image_size)
+        meta, view = await view_of(data)
+        del data
         t1 = time.perf_counter()
         raw = await backend.explain(view.pixels, k)
         t2 = time.perf_counter()
         answer = {
             "model": model_ref,
-            "image": {"width": img.width, "height": img.height, "format": img.format},
+            "image": meta,
             "view": dict(zip(("x", "y", "width", "height"), (round(v, 2) for v in view.box), strict=True)),
             "grid": list(raw.maps.shape[1:]) if raw.maps.size else info["grid"],
             "format": fmt,
             "concepts": render.explain_answer(raw, fmt),
-            "fidelity": {"cosine": round(raw.cosine, 6), "l0": round(raw.l0, 3)},
+            "fidelity": _fidelity(raw, info),
         }
         answer["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2), "model": round((t2 - t1) * 1e3, 2),
                                "compute": round(raw.compute_ms, 2),
@@ -359,15 +557,18 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
                       format: str | None = Query(None, pattern="^(png|raw)$")) -> JSONResponse:
         """Zero-shot segmentation into the given classes, each segment explained by its top concepts."""
         t0 = time.perf_counter()
-        data, fields = await parse_image_request(request, SegmentBody, limits.max_body_bytes)
+        data, fields = await parse_image_request(request, SegmentBody, limits)
         classes = check_classes(fields.get("classes"), limits.max_classes, limits.max_class_chars)
         k = check_top_k(fields.get("top_k", top_k), DEFAULT_SEGMENT_TOP_K, limits.max_top_k)
         fmt = fields.get("format", format) or "png"
-        img = await decode(data, int(info["segment_short_side"]))
-        pixels = fit_short_side(img, int(info["segment_short_side"]), int(info["segment_max_long_side"]))
+        short, long = int(info["segment_short_side"]), int(info["segment_max_long_side"])
+        async with decoded(data, short) as img:
+            meta = {"width": img.width, "height": img.height, "format": img.format}
+            pixels = await asyncio.to_thread(fit_short_side, img, short, long)
+        del data
         result = await backend.segment(pixels, classes, k)
         labels = result.pop("labels")
-        out = {"model": model_ref, "image": {"width": img.width, "height": img.height, "format": img.format},
+        out = {"model": model_ref, "image": meta,
                "size": [int(labels.shape[1]), int(labels.shape[0])], "classes": classes, **result}
         if fmt == "raw":
             out["labels"] = labels.tolist()
@@ -382,17 +583,17 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
                        ) -> JSONResponse:
         """Class scores (zero-shot with `classes`, else the model's probe), each with its top concepts."""
         t0 = time.perf_counter()
-        data, fields = await parse_image_request(request, ClassifyBody, limits.max_body_bytes)
+        data, fields = await parse_image_request(request, ClassifyBody, limits)
         classes = fields.get("classes")
         if classes is not None or not info.get("has_probe"):
             if classes is None:
                 raise ApiError(400, "no_classes", "this model has no trained probe: give class names ('classes')")
             classes = check_classes(classes, limits.max_classes, limits.max_class_chars)
         k = check_top_k(fields.get("top_k", top_k), DEFAULT_SEGMENT_TOP_K, limits.max_top_k)
-        img = await decode(data, image_size)
-        view = center_view(img, image_size)
+        meta, view = await view_of(data)
+        del data
         result = await backend.classify(view.pixels, classes, k)
-        out = {"model": model_ref, "image": {"width": img.width, "height": img.height, "format": img.format},
+        out = {"model": model_ref, "image": meta,
                **result, "timing_ms": {"total": round((time.perf_counter() - t0) * 1e3, 2)}}
         return JSONResponse(out)
 

@@ -49,3 +49,4 @@ class ExplainRaw:
     l0: float  # mean active concepts per patch
     compute_ms: float
     concepts: list[dict[str, Any]]  # per id: name, label, level and the root..concept path
+    fvu: float = float("nan")  # sum |x - x^|^2 / sum |x - mean x|^2 over the view's patches

@@ -27,21 +27,32 @@ from serve.common import ExplainRaw, ModelLoader
 log = logging.getLogger("ray.serve")
 
 
+def _serve_default(key: str) -> Any:
+    """A ServeConfig default (the batch decorator needs values at import; __init__ sets the configured ones)."""
+    from insight.config import ServeConfig
+
+    return ServeConfig.model_fields[key].default
+
+
 @serve.deployment(name="InsightModel")
 class InsightModel:
     """One replica: the model, a single compute thread, a batch queue."""
 
-    def __init__(self, loader: ModelLoader, threads: int = 1) -> None:
+    def __init__(self, loader: ModelLoader, settings: dict[str, Any], tasks: dict[str, Any] | None = None) -> None:
+        """``settings``: the ServeConfig (batching, CPUs); ``tasks``: the serve-time ``tasks.*`` overrides."""
+        from insight.config import ServeConfig
         from serve.engine import Engine  # torch: only model replicas import it
 
-        self.engine = Engine(loader(), threads=threads)
+        s = ServeConfig.model_validate(settings)
+        self.engine = Engine(loader(), threads=max(1, int(s.num_cpus)), tasks=tasks)
+        self.reconfigure({"max_batch_size": s.max_batch_size, "batch_wait_s": s.batch_wait_s})
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insight-model")
         self._inflight = 0
-        log.info("InsightModel ready: %s (%d concepts, %s)", self.engine.loaded.uri,
+        log.info("InsightModel ready: %s (%d concepts, %s)", self.engine.public_ref(),
                  self.engine.sae.n_concepts, self.engine.concepts.source)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batching knobs as user_config: changed in place, without reloading the model."""
+        """Batching knobs (ServeConfig's, also as Serve's user_config): changed in place, no model reload."""
         if "max_batch_size" in user_config:
             self._explain_batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_s" in user_config:
@@ -66,7 +77,7 @@ class InsightModel:
         finally:
             self._inflight -= 1
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=_serve_default("max_batch_size"), batch_wait_timeout_s=_serve_default("batch_wait_s"))
     async def _explain_batched(self, items: list[tuple[Any, int]]) -> list[ExplainRaw]:
         views = [v for v, _ in items]
         ks = [k for _, k in items]

@@ -4,11 +4,19 @@ A Serve replica wraps one :class:`Engine`; the benchmark calls the same
 object in-process, so "served vs in-process" compares the same work. Inputs
 are already-decoded uint8 views (the ingress decodes and bounds images);
 outputs are small NumPy arrays that the ingress renders (``serve.render``).
+
+Which config governs what: the model's own training config says what made
+its features (``backbone``, ``sae``); the task settings (``tasks.*``:
+temperature, windows, background threshold, ...) are the model's as well,
+except for the keys the server's config sets explicitly (its ``tasks:``
+section or ``--set tasks.*`` at `insight serve`): those win, so a serve-time
+``--set tasks.temperature=50`` takes effect and nothing else changes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +36,10 @@ log = logging.getLogger(__name__)
 class Engine:
     """Everything one replica holds; thread-compatible but not thread-safe (one call at a time)."""
 
-    def __init__(self, loaded: Any, threads: int | None = None) -> None:
+    def __init__(self, loaded: Any, threads: int | None = None, tasks: dict[str, Any] | None = None) -> None:
+        """``tasks``: the serve-time ``tasks.*`` keys that override the model's (see the module docstring)."""
         from insight.backbones import build_backbone
+        from insight.config import TasksConfig
 
         if threads:
             # One intra-op thread per granted CPU: on a busy machine more threads than cores make
@@ -37,6 +47,10 @@ class Engine:
             torch.set_num_threads(threads)
         self.loaded = loaded
         self.cfg = loaded.config
+        if tasks:  # validated as a whole: an override may break a cross-field rule (stride <= crop)
+            merged = TasksConfig.model_validate({**self.cfg.tasks.model_dump(), **tasks})
+            self.cfg = self.cfg.model_copy(update={"tasks": merged})
+        self.tasks_overridden = sorted(tasks or {})
         self.backbone = build_backbone(self.cfg.backbone)
         self.device = torch.device(getattr(self.backbone, "device_name", "cpu"))
         self.sae = loaded.sae.to(self.device).eval()
@@ -55,11 +69,25 @@ class Engine:
 
     # ------------------------------------------------------------------ info
 
+    def public_ref(self) -> str:
+        """How answers name the model: registry name and version, else run, else the weights' hash.
+
+        Never a local path: a checkpoint folder is named by the SHA-256 of its weights file.
+        """
+        lm = self.loaded
+        if lm.name and lm.version:
+            return f"models:/{lm.name}/{lm.version}"
+        if lm.run_id:
+            return f"runs:/{lm.run_id}/checkpoint"
+        from insight.cache.format import file_sha256
+
+        return f"checkpoint:sha256={file_sha256(Path(lm.checkpoint) / 'model.safetensors')[:16]}"
+
     def info(self) -> dict[str, Any]:
         lm = self.loaded
         return {
             "name": lm.name, "version": None if lm.version is None else str(lm.version), "run_id": lm.run_id,
-            "uri": lm.uri,
+            "uri": self.public_ref(),
             "image_size": self.image_size, "grid": [self.grid, self.grid], "patch_size": int(self.backbone.patch_size),
             "dim": int(self.sae.d_in), "n_concepts": int(self.sae.n_concepts), "k": int(self.sae.k),
             "group_sizes": list(self.sae.group_sizes), "levels": self.concepts.levels,
@@ -73,11 +101,16 @@ class Engine:
         }
 
     def _public_config(self) -> dict[str, Any]:
-        """The model's training config, minus secrets (an API key it may have been trained with)."""
-        cfg = self.cfg.to_dict()
-        if cfg.get("serve", {}).get("api_key"):
-            cfg["serve"]["api_key"] = "***"
-        return cfg
+        """What a client may know of the model's config: the SAE, the backbone's identity and the task
+        settings in effect. Never the workdir, cache, dataset or tracking locations, nor secrets."""
+        b = self.cfg.backbone
+        pretrained = b.pretrained
+        if pretrained and ("/" in pretrained or os.sep in pretrained or Path(pretrained).exists()):
+            pretrained = "local file"
+        tasks = self.cfg.tasks.model_dump(mode="json", exclude={"split"})
+        return {"name": self.cfg.name, "sae": self.cfg.sae.model_dump(mode="json"),
+                "backbone": {"kind": b.kind, "model": b.model, "pretrained": pretrained, "image_size": b.image_size},
+                "tasks": tasks, "tasks_set_at_serve": self.tasks_overridden}
 
     # --------------------------------------------------------------- explain
 
@@ -105,6 +138,9 @@ class Engine:
         b, h, w, m = z_bhwm.shape
         xh = self.sae.decode(z_bhwm.reshape(-1, m)).reshape(b, h, w, -1)
         cos_b = F.cosine_similarity(feats, xh, dim=-1).mean((1, 2))
+        # FVU of the view's patches, as training reports it: squared error over variance about their mean
+        var_b = (feats - feats.mean((1, 2), keepdim=True)).square().sum((1, 2, 3))
+        fvu_b = (feats - xh).square().sum((1, 2, 3)) / var_b.clamp_min(1e-30)
         l0_b = (z_bhwm > 0).sum(-1).float().mean((1, 2))
         score_bm = z_bhwm.amax((1, 2))
         kmax = min(max(top_ks), m)
@@ -120,7 +156,7 @@ class Engine:
                 ids=ids.cpu().numpy().astype(np.int64), scores=vals.float().cpu().numpy(),
                 means=maps.mean((1, 2)).float().cpu().numpy(), areas=(maps > 0).float().mean((1, 2)).cpu().numpy(),
                 maps=maps.float().cpu().numpy(), cosine=float(cos_b[i]), l0=float(l0_b[i]), compute_ms=ms,
-                concepts=[self.concept_ref(int(c)) for c in ids.tolist()],
+                concepts=[self.concept_ref(int(c)) for c in ids.tolist()], fvu=float(fvu_b[i]),
             ))
         return out
 
@@ -181,17 +217,11 @@ class Engine:
 
     def _find_probe(self) -> Any:
         """The model's concept-bottleneck probe (`insight.tasks.classification.ConceptProbe`), if it has one:
-        ``LoadedModel.probe`` when that exists, else a ``probe/`` folder among the run's artifacts or
-        beside the checkpoint."""
+        a ``probe/`` folder among the run's artifacts or beside the checkpoint (where `insight evaluate
+        --probe` saves it)."""
         from insight.tasks.classification import ConceptProbe
 
         lm = self.loaded
-        try:
-            probe = getattr(lm, "probe", None)
-        except (FileNotFoundError, ValueError, KeyError, OSError):
-            probe = None
-        if probe is not None:
-            return probe
         places = ([Path(lm.artifacts) / "probe"] if lm.artifacts else []) + [Path(lm.checkpoint).parent / "probe"]
         for folder in places:
             if (folder / "probe.json").is_file():

@@ -29,7 +29,12 @@ class ApiError(Exception):
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+    """The error JSON; a message that echoes input never carries text UTF-8 cannot encode (lone surrogates)."""
+    return {"error": {"code": code, "message": safe_text(message)}}
+
+
+def safe_text(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # Codes FastAPI/Starlette statuses map to when they are raised outside our handlers.
@@ -41,9 +46,11 @@ STATUS_CODES = {
     405: "method_not_allowed",
     406: "not_acceptable",
     411: "length_required",
+    408: "request_timeout",
     413: "body_too_large",
     414: "uri_too_long",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "too_many_requests",
+    431: "headers_too_large",
 }

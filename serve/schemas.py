@@ -68,7 +68,9 @@ class ExplainAnswer(BaseModel):
     grid: list[int]
     format: str
     concepts: list[ExplainedConcept]
-    fidelity: dict[str, float] = Field(..., description="cosine(x, x^) and active concepts per patch (l0).")
+    fidelity: dict[str, float] = Field(..., description="How well the concepts reconstruct this view: mean per-patch "
+                                       "cosine(x, x^), FVU and active concepts per patch (l0); val_cosine/val_fvu: "
+                                       "the same on images held out from training.")
     timing_ms: dict[str, float]
 
 

@@ -2,8 +2,9 @@
 
 One tiny model, trained here in seconds on real bundled images (the tiny
 backbone's features, the real SAE training step, a real MLflow registry with
-the champion alias), and one Serve instance on 127.0.0.1 at a free port that
-both test files share. Serve holds CPUs of the session's 2-CPU Ray, so it is
+the champion alias), its concepts mined by the real `insight concepts` step
+(names, hierarchy, galleries logged to the model's run), and one Serve
+instance on 127.0.0.1 at a free port that the serve test files share. Serve holds CPUs of the session's 2-CPU Ray, so it is
 shut down as soon as no remaining test of the session needs it, not at the
 end of the session.
 """
@@ -27,9 +28,10 @@ if str(ROOT) not in sys.path:  # serve/ is a top-level folder of the repository,
 
 API_KEY = "test-key-0123"
 LIMITS = {
-    "max_body_bytes": 1_000_000, "max_pixels": 4_000_000, "max_classes": 8, "max_class_chars": 40,
+    "max_body_bytes": 1_000_000, "max_pixels": 4_000_000, "max_classes": 8, "max_class_chars": 200,
     "max_top_k": 16, "api_key": API_KEY, "num_cpus": 0.5, "ingress_cpus": 0.25,
-    "max_batch_size": 4, "batch_wait_s": 0.005,
+    "max_batch_size": 4, "batch_wait_s": 0.005, "body_timeout_s": 2.0, "request_timeout_s": 30.0,
+    "decode_memory_bytes": 256 * 2**20, "body_memory_bytes": 64 * 2**20,
 }
 
 
@@ -154,13 +156,26 @@ class TinyModel:
     checkpoint: Path  # the checkpoint folder
     tracking_uri: str  # the MLflow store where it is models:/insight@champion
     root: Path
+    concepts: dict  # what `insight concepts` returned for models:/insight@champion
+
+
+def mine(root: Path, tracking_uri: str, cache: str) -> dict:
+    """The real concepts step on the champion: table, hierarchy and galleries logged to its run."""
+    from insight.concepts.run import mine_concepts
+    from insight.config import load_config
+
+    cfg = load_config(TINY, [f"workdir={root}", f"tracking.uri={tracking_uri}", "concepts.gallery_per_group=1",
+                             "concepts.vocab_size=200", "concepts.gallery_images=4"])
+    return mine_concepts(cfg, "models:/insight@champion", cache=cache)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> TinyModel:
+def tiny_model(tmp_path_factory, tiny_cache) -> TinyModel:
     root = tmp_path_factory.mktemp("serve")
     ckpt = train_tiny_model(root)
-    return TinyModel(checkpoint=ckpt, tracking_uri=register(ckpt, root), root=root)
+    uri = register(ckpt, root)
+    _, extracted = tiny_cache  # the same backbone's features of the same bundled images
+    return TinyModel(checkpoint=ckpt, tracking_uri=uri, root=root, concepts=mine(root, uri, extracted["cache"]))
 
 
 @pytest.fixture(scope="session")
@@ -168,14 +183,16 @@ def served(ray_local, tiny_model):
     """Serve on 127.0.0.1:<free port> with the tiny model as models:/insight@champion and the test limits."""
     import httpx
     from ray import serve
-    from serve.app import build_app
+    from serve.app import build_app, http_options, resolve
 
     root, ckpt, uri = tiny_model.root, tiny_model.checkpoint, tiny_model.tracking_uri
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": "models:/insight@champion", "tracking_uri": uri, "config": str(TINY),
+            "set": [f"workdir={root}", "serve.host=127.0.0.1", f"serve.port={port}"], "serve": LIMITS,
+            "dst": str(root / "replicas")}
+    serve.start(http_options=http_options(resolve(args)[0]))
     _state["up"] = True
-    app = build_app({"model": "models:/insight@champion", "tracking_uri": uri, "config": str(TINY),
-                     "set": [f"workdir={root}"], "serve": LIMITS, "dst": str(root / "replicas")})
+    app = build_app(args)
     serve.run(app, name="insight", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -202,5 +219,5 @@ def release_serve_when_done(request):
         _shutdown()
 
 
-__all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "free_port", "png_bytes", "register", "sample_png",
+__all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "free_port", "mine", "png_bytes", "register", "sample_png",
            "release_serve_when_done", "served", "tiny_model", "train_tiny_model"]

@@ -78,13 +78,20 @@ def test_upload_overlays_concept_detail_and_segments(page, tmp_path):
     page.wait_for_selector(".concept-card.selected")
     assert canvas_png(page, "#view") != before  # the overlay is drawn over the view
     page.wait_for_selector("#detail:not([hidden]) #detail-path li")
-    assert page.text_content("#detail-name") == label
+    assert label in page.text_content("#detail-name")  # the mined name, with its id
     path = page.locator("#detail-path li")
     assert path.count() >= 1 and path.nth(path.count() - 1).text_content() == label
-    # this model has no concept table, so no gallery: the panel says so and still shows the hierarchy path
+    assert "no concept table" not in page.text_content("#detail-meta")
+    # a concept the concepts step drew a gallery for shows it; one without says so
+    items = page.evaluate("async () => (await api('/v1/concepts?limit=500')).items")
+    drawn = next(i["id"] for i in items if i["has_gallery"])
+    bare = next(i["id"] for i in items if not i["has_gallery"])
+    page.evaluate("(id) => showConcept(id)", drawn)
+    page.wait_for_function("() => { const g = document.getElementById('gallery-img'); "
+                           "return g && g.complete && g.naturalWidth > 100; }")
+    page.evaluate("(id) => showConcept(id)", bare)
     page.wait_for_selector("#no-gallery")
     assert "No gallery" in page.text_content("#gallery")
-    assert "no concept table" in page.text_content("#detail-meta")
 
     page.fill("#classes", "person, sky, grass")
     page.click("#segment-btn")

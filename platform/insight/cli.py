@@ -407,18 +407,17 @@ def serve_cmd(
     state: dict[str, Any] = {}
 
     def go() -> dict[str, Any]:
-        cfg = _load(config, set_)
         appmod = _serve_app_module()
-        args = {"model": model, "config": config, "set": set_ or []}
-        _, ref, uri = appmod.resolve(args)
+        # One resolution (config file, --set, the API key from the environment) for everything below.
+        cfg, ref, uri = appmod.resolve({"model": model, "config": config, "set": set_ or []})
         appmod.check_model(ref, uri)
-        application = appmod.build_app(args)
+        application = appmod.application(cfg, ref, uri)
         from ray import serve as ray_serve
 
         from insight.runtime import ensure_ray
 
         ensure_ray(cfg)
-        ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        ray_serve.start(http_options=appmod.http_options(cfg))
         try:
             ray_serve.run(application, name="insight", route_prefix="/")
         except Exception as exc:  # a replica failed to start (bad model, port, resources): say so, exit 2

@@ -56,6 +56,12 @@ def _font(size: int = 11) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def gallery_name(concept_id: int) -> str:
+    """The file name of a concept's gallery inside ``galleries/``: the one place that knows it
+    (the concepts step writes it, the server reads it)."""
+    return f"concept-{int(concept_id):05d}.png"
+
+
 def base_id(image_id: str) -> tuple[str, int]:
     """('img', 0) for a plain id, ('img', 3) for an augmented view 'img#v3'."""
     if "#v" in image_id:
@@ -220,7 +226,7 @@ def draw_galleries(table: ConceptTable, top_map: Callable[[int, int], np.ndarray
             y = TITLE + (k // cols) * (PANEL + CAPTION)
             sheet.paste(im, (x, y))
             draw.text((x, y + PANEL + 2), _short(cap, 34), fill="black", font=small)
-        written.append(str(_save_png(sheet, out / f"concept-{cid:05d}.png")))
+        written.append(str(_save_png(sheet, out / gallery_name(cid))))
 
     def contact(rows: list[tuple[int, list[int]]], what: str, path: Path) -> str | None:
         if not rows:
