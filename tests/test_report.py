@@ -20,7 +20,8 @@ def _png(path: Path, seed: int) -> Path:
 def _report(tmp_path: Path) -> Path:
     sections = [
         Section("Sweep", "four trials", figures=[Figure(_png(tmp_path / "a.png", 0), "Pareto <front>")],
-                table=[{"trial": "k=8", "val_fvu": 0.31234, "pareto": True}, {"trial": "k=4", "val_fvu": 0.5}]),
+                table=[{"trial": "k=8", "val_fvu": 0.31234, "pareto": True},
+                       {"trial": "k=4", "val_fvu": "0.5570743076062101", "tokens": 29400.0}]),
         Section("Concepts", figures=[Figure(tmp_path / "missing.png", "not drawn")], code="insight concepts"),
     ]
     return write_report(tmp_path / "out" / "report.html", "Test report", "summary & more", sections,
@@ -31,7 +32,8 @@ def test_report_is_self_contained(tmp_path):
     html = _report(tmp_path).read_text()
     assert html.count("data:image/png;base64,") == 1  # the figure is inline
     assert "Pareto &lt;front&gt;" in html and "summary &amp; more" in html  # escaped
-    assert "missing: " in html and "0.3123" in html
+    assert "missing: " in html and "<td>0.312</td>" in html and "0.31234" not in html  # rounded for reading
+    assert "<td>0.557</td>" in html and "<td>29,400</td>" in html  # numbers read from CSV text, thousands
     assert "http://" not in html and "https://" not in html  # nothing fetched from the network
     assert not list((tmp_path / "out").glob(".*.tmp"))
 

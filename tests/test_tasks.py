@@ -121,6 +121,29 @@ def test_sliding_window_equals_single_pass(tiny_parts):
     assert float((w * assemble(u, plan)).sum()) == pytest.approx(float((assemble_adjoint(w, plan) * u).sum()), rel=1e-4)
 
 
+def test_concepts_plus_residual_route_is_the_opaque_route(tiny_parts):
+    """x = x^ + (x - x^): concept terms + bias + residual over ||x|| give the opaque logits, labels exactly."""
+    from insight.tasks import ClassBank, Segmenter
+
+    cfg, backbone, sae = tiny_parts
+    bank = ClassBank.build(backbone, ["background", "person", "chair", "diningtable"], cfg.backbone.templates, True)
+    seg = Segmenter(backbone, bank, cfg.tasks.model_copy(update={"bg_threshold": 0.4}), sae)
+    wf = seg.encode(_voc_rgb())
+    opaque_pf, _ = seg.patch_logits(wf, "opaque")
+    logits_pf, residual_pf, dec = seg.residual_logits(wf)
+    assert torch.allclose(logits_pf, opaque_pf, atol=1e-5)
+    assert torch.allclose(dec.logits() + residual_pf, opaque_pf, atol=1e-5)
+    # the concept part is the reconstruction's own logit rescaled to the feature's norm: not the opaque logit
+    x_hat = dec.codes.decode(sae)
+    concept_pf = (x_hat @ torch.nn.functional.normalize(bank.text_fd, dim=-1).T) / wf.feats_pd.norm(dim=-1)[:, None]
+    assert torch.allclose(dec.logits(), concept_pf, atol=1e-5)
+    assert float(residual_pf.abs().max()) > 1e-3
+    routes = {v: seg.segment_features(wf, v) for v in ("opaque", "residual", "concepts")}
+    assert np.array_equal(routes["residual"].labels_hw, routes["opaque"].labels_hw)
+    assert torch.allclose(routes["residual"].logits_fhw, routes["opaque"].logits_fhw, atol=1e-5)
+    assert not torch.allclose(routes["concepts"].logits_fhw, routes["opaque"].logits_fhw, atol=1e-3)
+
+
 def test_background_combines_confidence_and_dinoiser_saliency(tmp_path):
     """With DINOiser heads, background = low max probability AND low saliency (docs/method.md, Tasks and explanations)."""
     from safetensors.torch import save_file
@@ -147,7 +170,14 @@ def test_background_combines_confidence_and_dinoiser_saliency(tmp_path):
 
 
 def test_miou_hand_computed():
-    from insight.tasks.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy, topk_accuracy
+    from insight.tasks.metrics import (
+        confusion_matrix,
+        iou_per_class,
+        majority_confusion,
+        mean_iou,
+        pixel_accuracy,
+        topk_accuracy,
+    )
 
     gt = np.array([[0, 0, 1], [1, 2, 255]])
     pred = np.array([[0, 1, 1], [1, 2, 2]])
@@ -165,6 +195,23 @@ def test_miou_hand_computed():
         confusion_matrix(np.array([[7]]), np.array([[0]]), 4)
     acc = topk_accuracy(np.array([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05]]), np.array([1, 1]), (1, 2))
     assert acc == {1: 0.5, 2: 1.0}
+    # majority-class baseline: all 5 valid pixels get class 0 (tied with 1, the first wins): IoU 2/5, 0, 0
+    assert mean_iou(majority_confusion(conf)) == pytest.approx((2 / 5 + 0 + 0) / 3)
+
+
+def test_reconstruction_fidelity_by_hand():
+    from insight.tasks.metrics import reconstruction_fidelity
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    fid = reconstruction_fidelity(x, x_hat, groups=2)
+    # pooled: error 1 over total variance 5.5 (about the mean (0.75, 0.75)); windows: 1 / 1 and 0 / 4
+    assert fid["fvu"] == pytest.approx(1 / 5.5) and fid["fvu_window_mean"] == pytest.approx(0.5)
+    assert fid["fvu_window_max"] == pytest.approx(1.0)
+    assert fid["cosine"] == pytest.approx((3 + 2**-0.5) / 4) and fid["cosine_window_min"] == pytest.approx(
+        (1 + 2**-0.5) / 2)
+    with pytest.raises(ValueError, match="equal windows"):
+        reconstruction_fidelity(x, x_hat, groups=3)
 
 
 def _write_coco(folder: Path) -> tuple[Path, Path]:
@@ -343,11 +390,36 @@ def test_evaluate_cli_end_to_end(tiny_cache, tmp_path):
     seg0 = next(iter(explained.values()))["segments"][0]
     assert seg0["concepts_total"] + seg0["bias"] == pytest.approx(seg0["mean_logit"], abs=1e-5)
 
+    # What explains the ratio: the residual route reproduces the opaque labels; fidelity, L0, agreement
+    assert res["residual_equals_opaque"] is True and res["residual_max_logit_diff"] < 1e-4
+    assert 0 < res["l0"] and 0 <= res["argmax_agreement"] <= 1 and 0 <= res["miou_fg_concepts"] <= 1
+    conf = np.array(json.loads((Path(res["out_dir"]) / "confusion.json").read_text())["opaque"])
+    gt_pixels = conf.sum(1)
+    assert res["miou_majority"] == pytest.approx(gt_pixels.max() / gt_pixels.sum() / (gt_pixels > 0).sum(), abs=1e-6)
+    import csv
+
+    (row,) = list(csv.DictReader(Path(res["per_image_segmentation"]).open()))
+    assert row["image"] == "voc_person" and float(row["miou_concepts"]) == pytest.approx(res["miou_concepts"], abs=1e-5)
+    assert float(row["recon_fvu"]) == pytest.approx(res["recon_fvu"], rel=1e-3)  # one image: pooled = per image
+    # the fidelity figures are the training metrics on the patches the segmenter saw
+    from insight.sae import cosine, fvu
+    from insight.tasks import Segmenter
+    from insight.tracking import load_model
+
+    loaded = load_model(model["run_id"], tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", dst=str(tmp_path / "m"))
+    seg = Segmenter.from_model(loaded, ["background", "person"], background=True, tasks=cfg.tasks)
+    feats = seg.encode(_voc_rgb()).feats_pd
+    recon = loaded.sae.decode(loaded.sae.encode(feats))
+    assert res["recon_fvu"] == pytest.approx(fvu(feats, recon), rel=1e-3)
+    assert res["recon_cosine"] == pytest.approx(cosine(feats, recon), abs=1e-4)
+
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(res["run_id"])
     assert run.data.tags["insight.model_run_id"] == model["run_id"] and run.data.tags["insight.step"] == "evaluate"
     assert run.data.metrics["miou_concepts"] == pytest.approx(res["miou_concepts"])
     assert "miou_opaque" in run.data.metrics and "miou_ratio" in run.data.metrics
+    assert run.data.metrics["recon_cosine"] == pytest.approx(res["recon_cosine"])
+    assert {"recon_fvu", "l0", "argmax_agreement", "miou_majority"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(res["run_id"], "evaluation/pictures")}
     assert len(arts) == 3
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,22 @@ def _img(fig: Figure) -> str:
             "</figure>")
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
+
+
+def number(v: float) -> str:
+    """A float as a person reads it: 3 significant digits; thousands as whole numbers (29,400)."""
+    if math.isfinite(v) and 1000 <= abs(v) < 1e9:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
 def _fmt(v: Any) -> str:
+    """One table cell; floats (and decimal numbers read from CSV files as text) are rounded for reading."""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return number(v)
+    if isinstance(v, str) and "." in v and _NUMBER.fullmatch(v.strip()):
+        return number(float(v))
     if isinstance(v, (list, dict)):
         return html.escape(json.dumps(v)[:200])
     return html.escape(str(v))

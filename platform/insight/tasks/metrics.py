@@ -72,6 +72,41 @@ def topk_accuracy(logits_nc: np.ndarray, labels_n: np.ndarray, ks: Sequence[int]
     return out
 
 
+def majority_confusion(conf_kk: np.ndarray) -> np.ndarray:
+    """The confusion matrix of the majority-class baseline: every pixel gets the most frequent true class.
+
+    The floor a segmentation's mIoU is read against: on one photo that is mostly background it is
+    already 1 / (classes present), with no model at all.
+    """
+    conf = np.asarray(conf_kk)
+    gt = conf.sum(1)
+    out = np.zeros_like(conf)
+    if gt.sum():
+        out[:, int(gt.argmax())] = gt
+    return out
+
+
+def reconstruction_fidelity(x_pd, x_hat_pd, groups: int = 1) -> dict[str, float]:
+    """How well reconstructions x^ match features x (rows = patches), as training reports it, per group.
+
+    ``fvu``/``cosine`` pool all rows (FVU against the rows' own mean, as ``insight.sae.fvu``); the
+    rows also split into ``groups`` equal consecutive blocks (the windows of an image), whose FVU
+    and mean cosine are averaged (``fvu_window_mean``, ``cosine_window_mean``) and bounded
+    (``fvu_window_max``, ``cosine_window_min``).
+    """
+    from insight.sae import cosine, fvu
+
+    n = len(x_pd)
+    if n == 0 or groups < 1 or n % groups:
+        raise ValueError(f"{n} rows do not split into {groups} equal windows")
+    per = n // groups
+    w_fvu = [fvu(x_pd[i : i + per], x_hat_pd[i : i + per]) for i in range(0, n, per)]
+    w_cos = [cosine(x_pd[i : i + per], x_hat_pd[i : i + per]) for i in range(0, n, per)]
+    return {"fvu": fvu(x_pd, x_hat_pd), "cosine": cosine(x_pd, x_hat_pd),
+            "fvu_window_mean": float(np.mean(w_fvu)), "fvu_window_max": float(np.max(w_fvu)),
+            "cosine_window_mean": float(np.mean(w_cos)), "cosine_window_min": float(np.min(w_cos))}
+
+
 def ratio(numerator: float, denominator: float) -> float | None:
     """numerator / denominator, None when undefined (JSON has no NaN)."""
     if denominator is None or numerator is None or not math.isfinite(denominator) or denominator == 0:
