@@ -73,7 +73,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from insight.atomic import write_atomic
 from insight.backbones.openclip import resolve_device
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,9 @@ def _digest(obj: Any) -> str:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
     """Write a safetensors file next to its target, then rename: readers never see half a file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

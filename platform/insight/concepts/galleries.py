@@ -26,9 +26,9 @@ cost ~10x more per gallery and a big model has hundreds of them.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from insight.atomic import write_atomic
 from insight.concepts.table import Concept, ConceptTable
 
 if TYPE_CHECKING:
@@ -144,14 +145,9 @@ def panel(crop: np.ndarray | None, map_hw: np.ndarray, vmax: float, cell: tuple[
 
 
 def _save_png(im: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.png"
-    try:
-        im.save(tmp, format="PNG", compress_level=3)  # level 9 (optimize) costs 10x the time for ~15% bytes
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=3)  # level 9 (optimize) costs 10x the time for ~15% bytes
+    return write_atomic(path, buf.getvalue())
 
 
 def _short(text: str, n: int) -> str:

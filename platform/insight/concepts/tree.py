@@ -14,11 +14,12 @@ their class in the tree.
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
-import uuid
 from pathlib import Path
 
+from insight.atomic import write_atomic
 from insight.concepts.table import Concept, ConceptTable
 
 
@@ -114,15 +115,12 @@ def draw_tree_png(table: ConceptTable, path: str | os.PathLike[str], roots: int 
     if not top:
         ax.text(0, 0, "no concept fired on this cache", fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{uuid.uuid4().hex}.png"
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, out)
+        fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    out = write_atomic(path, buf.getvalue())
     return out
 
 
@@ -225,12 +223,4 @@ def write_tree_html(table: ConceptTable, path: str | os.PathLike[str], title: st
             "<button id='expand'>expand all</button><button id='collapse'>collapse all</button></div>"
             "<div id='hits'></div></header><main><ul id='tree'></ul></main>"
             f"<script type='application/json' id='data'>{data}</script><script>{_JS}</script></body></html>")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{uuid.uuid4().hex}.html"
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_atomic(path, page.encode("utf-8"))

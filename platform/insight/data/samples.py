@@ -6,11 +6,13 @@ and the tests use them so everything runs with no network.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from insight.atomic import write_atomic
 
 SKIMAGE_SAMPLES = (
     "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "brick", "grass", "gravel",
@@ -80,9 +82,7 @@ def _voc_annotations(image_id: int, first_ann_id: int = 1) -> tuple[list[dict], 
 def _write_json(path: Path, data: dict) -> None:
     import json
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data).encode())
 
 
 def write_samples(folder: Path) -> tuple[Path, Path]:
@@ -103,9 +103,9 @@ def write_samples(folder: Path) -> tuple[Path, Path]:
     for i, (name, rgb) in enumerate(sorted(sample_images().items()), start=1):
         target = images / f"{name}.png"
         if not target.exists():
-            tmp = images / f".{name}.png.tmp"
-            Image.fromarray(rgb).save(tmp, format="PNG")
-            os.replace(tmp, target)
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, format="PNG")
+            write_atomic(target, buf.getvalue())
         entries.append({"id": i, "file_name": target.name, "height": rgb.shape[0], "width": rgb.shape[1]})
         if name == "voc_person":
             anns, cats = _voc_annotations(i)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from insight.atomic import swap_in_folder
 from insight.tasks.explain import (
     ConceptContribution,
     Decomposition,
@@ -216,9 +217,7 @@ class ConceptProbe:
         save_file({"weight": self.weight_cm.contiguous()}, str(tmp / "probe.safetensors"))
         (tmp / "probe.json").write_text(json.dumps({"format": PROBE_FORMAT, "class_names": self.class_names,
                                                     "n_concepts": int(self.weight_cm.shape[1])}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        swap_in_folder(tmp, target)
         return target
 
     @classmethod
