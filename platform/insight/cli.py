@@ -381,20 +381,6 @@ def config_check(config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
 # ------------------------------------------------------------------ serving (serve/ at the repository root)
 
 
-def _serve_app_module() -> Any:
-    """`serve.app` of this checkout: the repository root (beside platform/) or the working directory."""
-    import importlib
-    from pathlib import Path
-
-    here = Path(__file__).resolve()
-    for root in (here.parents[2], Path.cwd()):
-        if (root / "serve" / "app.py").is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            return importlib.import_module("serve.app")
-    raise StepFailed("cannot find serve/app.py (the Serve application) beside platform/ or in the working directory")
-
-
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
@@ -407,7 +393,9 @@ def serve_cmd(
     state: dict[str, Any] = {}
 
     def go() -> dict[str, Any]:
-        appmod = _serve_app_module()
+        from insight.runtime import serve_app_module
+
+        appmod = serve_app_module()
         # One resolution (config file, --set, the API key from the environment) for everything below.
         cfg, ref, uri = appmod.resolve({"model": model, "config": config, "set": set_ or []})
         appmod.check_model(ref, uri)

@@ -36,9 +36,9 @@ def _explain_once(cfg, model_ref: str, tracking_uri: str, image: Path, config_pa
     """Deploy the served app on 127.0.0.1, POST one image to /v1/explain, shut it down."""
     from ray import serve
 
-    from insight.cli import _serve_app_module
+    from insight.runtime import serve_app_module
 
-    appmod = _serve_app_module()
+    appmod = serve_app_module()
     app = appmod.build_app({"model": model_ref, "tracking_uri": tracking_uri, "config": config_path, "set": sets})
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"

@@ -70,6 +70,23 @@ def ensure_ray(cfg) -> None:
         pass
 
 
+def serve_app_module() -> Any:
+    """`serve.app` of this checkout (the Serve application): from the repository root beside
+    platform/, else from the working directory (an installed package has no serve/ of its own)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    for root in (here.parents[2], Path.cwd()):
+        if (root / "serve" / "app.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("serve.app")
+    raise FileNotFoundError("cannot find serve/app.py (the Serve application) beside platform/ or in the working"
+                            " directory")
+
+
 if __name__ == "__main__":  # `python -m insight.runtime`: the defaults as KEY=VALUE lines (the Makefile reads them)
     for key, value in OFFLINE_ENV.items():
         print(f"{key}={value}")

@@ -1,4 +1,8 @@
-"""COCO-format datasets through pycocotools: images, category names, semantic masks."""
+"""COCO-format annotation files through pycocotools: images, category names, semantic masks.
+
+Plain data only (ids, paths, names, arrays): `insight.data.datasets` turns them into an
+`ImageDataset`, so the import goes one way.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-
-from insight.data.datasets import ImageDataset, ImageRecord
 
 
 @lru_cache(maxsize=8)
@@ -26,18 +28,16 @@ def _coco(annotations: str):
             raise ValueError(f"data.annotations: {p} is not a COCO annotation file: {exc}") from exc
 
 
-def coco_dataset(annotations: str, root: str) -> ImageDataset:
+def coco_images(annotations: str, root: str) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """((image id, path under ``root``, COCO image id) in COCO id order, category names in id order)."""
     coco = _coco(str(Path(annotations).resolve()))
     cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
     base = Path(root)
-    records = [
-        ImageRecord(str(Path(img["file_name"]).with_suffix("")), str(base / img["file_name"]), coco_id=img["id"])
-        for img in sorted(coco.loadImgs(coco.getImgIds()), key=lambda i: i["id"])
-    ]
-    if not records:
+    images = [(str(Path(img["file_name"]).with_suffix("")), str(base / img["file_name"]), img["id"])
+              for img in sorted(coco.loadImgs(coco.getImgIds()), key=lambda i: i["id"])]
+    if not images:
         raise ValueError(f"data.annotations: {annotations} lists no images")
-    return ImageDataset("coco", str(base), records, class_names=[c["name"] for c in cats],
-                        annotations=str(Path(annotations).resolve()))
+    return images, [c["name"] for c in cats]
 
 
 def annotated_categories(annotations: str, image_ids: list[int]) -> list[str]:

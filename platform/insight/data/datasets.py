@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from insight.data.coco import coco_images, coco_semantic_mask
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -52,11 +54,13 @@ class ImageDataset:
         """What determines the images: kind, root and the listing (ids, sizes, mtimes)."""
         import hashlib
 
+        from insight.cache.format import file_sha256
+
         h = hashlib.sha256()
         for r in self.records:
             try:
                 if self.bundled:  # rewritten per workdir: hash content, not mtimes
-                    h.update(f"{r.image_id}|{hashlib.sha256(Path(r.path).read_bytes()).hexdigest()}\n".encode())
+                    h.update(f"{r.image_id}|{file_sha256(r.path)}\n".encode())
                     continue
                 if r.path in self.listing:  # object storage: size and mtime from the one listing
                     size, mtime = self.listing[r.path]
@@ -78,8 +82,6 @@ class ImageDataset:
                 raise ValueError(f"mask {record.mask_path} must be a palette/grey PNG of indices")
             return mask.astype(np.int64)
         if record.coco_id is not None and self.annotations:
-            from insight.data.coco import coco_semantic_mask
-
             return coco_semantic_mask(self.annotations, record.coco_id, self.class_names, self.ignore_index)
         return None
 
@@ -176,6 +178,14 @@ def voc_dataset(root: str, masks: str | None = None) -> ImageDataset:
     return ImageDataset("voc", str(base), records, class_names=list(VOC_CLASSES))
 
 
+def coco_dataset(annotations: str, root: str) -> ImageDataset:
+    """A COCO-format dataset: images of the annotation file under ``root``, masks from its annotations."""
+    images, class_names = coco_images(annotations, root)
+    records = [ImageRecord(image_id, path, coco_id=coco_id) for image_id, path, coco_id in images]
+    return ImageDataset("coco", str(Path(root)), records, class_names=class_names,
+                        annotations=str(Path(annotations).resolve()))
+
+
 def build_dataset(cfg, workdir: str) -> ImageDataset:
     """Build the configured dataset (``cfg`` is a DataConfig)."""
     if cfg.kind == "folder":
@@ -183,11 +193,8 @@ def build_dataset(cfg, workdir: str) -> ImageDataset:
     elif cfg.kind == "voc":
         ds = voc_dataset(cfg.root, cfg.masks)
     elif cfg.kind == "coco":
-        from insight.data.coco import coco_dataset
-
         ds = coco_dataset(cfg.annotations, cfg.root)
     elif cfg.kind == "samples":
-        from insight.data.coco import coco_dataset
         from insight.data.samples import write_samples
 
         ann, images = write_samples(Path(workdir) / "data" / "samples")
