@@ -41,7 +41,7 @@ warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 # Peak bytes per pixel of a decode, by the PIL mode the header announces: the decoded image, the RGB
-# conversion and the NumPy copy (measured from tracemalloc/RSS of decode_image on this Pillow).
+# conversion and the NumPy copy (estimates from how Pillow stores each mode, with room for the conversions).
 BYTES_PER_PIXEL = {"1": 9, "L": 9, "P": 13, "RGB": 11, "YCbCr": 11, "CMYK": 15, "I;16": 11, "I;16B": 11,
                    "I;16L": 11, "I": 13, "F": 13, "LA": 20, "PA": 20, "RGBA": 20, "RGBa": 20}
 ROWS_PER_BLOCK = 256  # high-bit-depth conversion works on blocks of rows

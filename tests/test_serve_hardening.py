@@ -113,6 +113,12 @@ def server(served):
     pids = serve_pids()
     titles = " ".join(pids.values())
     assert "InsightIngress" in titles and "InsightModel" in titles and "ProxyActor" in titles, pids
+    from serve.app import INGRESS_MALLOC_ENV
+
+    for pid, title in pids.items():  # the ingress returns freed decode buffers to the system
+        if "InsightIngress" in title:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert all(f"{k}={v}".encode() in environ for k, v in INGRESS_MALLOC_ENV.items()), title
     return served, pids, rss_mb(pids)
 
 
