@@ -68,8 +68,10 @@ def test_samples_are_real_bundled_images(tmp_path):
     ids = {r.image_id for r in ds.records}
     assert {"chelsea", "coffee", "rocket", "astronaut", "voc_person"} <= ids
     assert len(ds) >= 20
-    # The bundled set is a COCO dataset: the VOC photo carries its real masks.
-    assert ds.class_names[14] == "person" and len(ds.class_names) == 20
+    # The bundled set is a COCO dataset: the VOC and ARC 2017 photos carry their real masks.
+    assert ds.class_names[14] == "person" and len(ds.class_names) == 20 + 8 and "scissors" in ds.class_names
+    arc = ds.semantic_mask(next(r for r in ds.records if r.image_id == "arc2017"))
+    assert (arc == ds.class_names.index("scissors")).sum() > 1000 and (arc == 255).mean() > 0.5
     voc = next(r for r in ds.records if r.image_id == "voc_person")
     mask = ds.semantic_mask(voc)
     assert (mask == 14).mean() > 0.1 and (mask == 255).any()

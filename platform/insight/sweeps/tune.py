@@ -144,7 +144,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def select_best(rows: list[dict[str, Any]], cfg) -> dict[str, Any] | None:
-    """Best finished trial by the configured objective (falls back to all trials)."""
+    """Best finished trial by the configured objective (falls back to all trials).
+
+    Every objective is measured on the validation images, which no trial trained on: a trial that
+    memorises its training tokens (low training FVU, high validation FVU) loses to one that
+    reconstructs unseen images better. ``overfit`` (validation minus training FVU) is reported
+    beside each trial so the gap is visible, not used to pick.
+    """
     finished = [r for r in rows if r["completed"]] or rows
     pool = [r for r in finished if r.get("val_fvu") is not None and math.isfinite(r["val_fvu"])]
     if cfg.sweep.selection == "min_fvu":
@@ -197,7 +203,9 @@ def _rows(results, space_keys: list[str], total_steps_of) -> list[dict[str, Any]
             "label": ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()),
             "overrides": overrides, "steps": steps, "total_steps": total_steps_of(overrides),
             "completed": steps >= total_steps_of(overrides) and res.error is None,
-            "val_fvu": m.get("val_fvu"), "val_l0": m.get("val_l0"), "fvu": m.get("fvu"), "l0": m.get("l0"),
+            "val_fvu": m.get("val_fvu"), "val_cosine": m.get("val_cosine"), "val_l0": m.get("val_l0"),
+            "fvu": m.get("fvu"), "l0": m.get("l0"),
+            "overfit": (m["val_fvu"] - m["fvu"]) if m.get("val_fvu") is not None and m.get("fvu") is not None else None,
             "error": str(res.error)[:300] if res.error else None,
         })
     return rows
@@ -211,8 +219,8 @@ def sweep(cfg, resume: bool = False) -> dict[str, Any]:
 
     from insight import tracking
     from insight.cache import CacheReader
-    from insight.runtime import ensure_ray
     from insight.config import config_with
+    from insight.runtime import ensure_ray
     from insight.training.sae import plan_steps, resolve_cache
 
     validate_space(cfg)
@@ -294,8 +302,8 @@ def sweep(cfg, resume: bool = False) -> dict[str, Any]:
     plot_pareto(rows, front, best, plot)
     table = out_dir / "trials.csv"
     buf = io.StringIO()
-    fields = ["trial_id", "label", "steps", "total_steps", "completed", "val_fvu", "val_l0", "fvu", "l0", "pareto",
-              "error"]
+    fields = ["trial_id", "label", "steps", "total_steps", "completed", "val_fvu", "val_cosine", "val_l0", "fvu",
+              "overfit", "l0", "pareto", "error"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
@@ -322,8 +330,11 @@ def sweep(cfg, resume: bool = False) -> dict[str, Any]:
     client.set_tag(parent_id, "insight.best_trial", best["label"])
     client.log_metric(parent_id, "best_val_fvu", best["val_fvu"])
     client.log_metric(parent_id, "best_val_l0", best["val_l0"])
+    if best.get("val_cosine") is not None:
+        client.log_metric(parent_id, "best_val_cosine", best["val_cosine"])
     result.update(best_trial=best["label"], best_trial_id=best["trial_id"], best_run_id=best_run,
-                  best_val_fvu=best["val_fvu"], best_val_l0=best["val_l0"], best_overrides=best["overrides"])
+                  best_val_fvu=best["val_fvu"], best_val_cosine=best.get("val_cosine"), best_val_l0=best["val_l0"],
+                  best_train_fvu=best.get("fvu"), best_overrides=best["overrides"])
     if cfg.sweep.register_best:
         result.update(register(cfg, client, best_run, best, parent_id))
     client.set_terminated(parent_id, "FINISHED")
