@@ -311,8 +311,9 @@ def test_deep_images_at_the_pixel_limit_stay_within_the_decode_budget(server, cl
 
 
 def test_slow_clients_are_cut_off_and_health_answers_meanwhile(server, client):
-    """70 connections that send part of a body: /healthz and valid requests are answered while they hang,
-    and each gets 408 once serve.body_timeout_s has passed."""
+    """70 connections that declare a 1 MB body and send 100 bytes of it: /healthz and valid requests are
+    answered while they hang, each gets 408 once serve.body_timeout_s has passed, and those whose declared
+    bodies do not fit serve.body_memory_bytes (64 MiB here: 67 do) get 429 at once."""
     served, pids, _ = server
     port = int(served.url.rsplit(":", 1)[1])
     image = sample_png("coffee", 64)
@@ -321,7 +322,7 @@ def test_slow_clients_are_cut_off_and_health_answers_meanwhile(server, client):
     for _ in range(70):
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
         s.sendall(b"POST /v1/explain HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode() +
-                  b"\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n" + image[:100])
+                  b"\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n" + image[:100])
         socks.append(s)
     try:
         t0 = time.perf_counter()
@@ -342,9 +343,11 @@ def test_slow_clients_are_cut_off_and_health_answers_meanwhile(server, client):
     finally:
         for s in socks:
             s.close()
-    statuses = {r.split(b" ", 2)[1] for r in replies}
-    assert statuses == {b"408"}, statuses
-    assert all(b'"body_timeout"' in r for r in replies)
+    statuses = sorted(r.split(b" ", 2)[1] for r in replies)
+    fit = LIMITS["body_memory_bytes"] // 1_000_000
+    assert statuses == [b"408"] * fit + [b"429"] * (70 - fit), statuses
+    assert sum(b'"body_timeout"' in r for r in replies) == fit
+    assert sum(b'"too_many_requests"' in r and b"serve.body_memory_bytes" in r for r in replies) == 70 - fit
     print(f"slow clients: valid request answered in {served_while_held:.2f} s while 70 hang; all cut off after "
           f"{cut_off:.1f} s")
     assert served_while_held < LIMITS["body_timeout_s"] and cut_off < LIMITS["body_timeout_s"] + 15
