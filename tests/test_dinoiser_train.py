@@ -17,16 +17,9 @@ import torch
 from conftest import ROOT, TINY
 from insight.backbones import build_backbone
 from insight.backbones.dinoiser import HEAD_KEYS, DinoiserHeads, load_heads
-from insight.training.dinoiser import (
-    TeacherFeatures,
-    build_teacher,
-    clip_mid_features,
-    correlation_targets,
-    head_losses,
-    plain_backbone_config,
-    saliency_targets,
-    teacher_targets,
-)
+from insight.training.dinoiser.clip import clip_mid_features, plain_backbone_config
+from insight.training.dinoiser.targets import correlation_targets, head_losses, saliency_targets
+from insight.training.dinoiser.teacher import TeacherFeatures, build_teacher, teacher_targets
 
 # A small problem the CLI test trains on: 8 images, 2 steps per epoch, 4 epochs.
 TRAIN_SETS = (
@@ -123,7 +116,7 @@ def test_teacher_targets_follow_the_clip_grid(tiny):
 
 def test_teacher_fallback_and_errors(tiny, caplog, tmp_path):
     tc = tiny.dinoiser_train.model_copy(update={"teacher_weights": "auto", "teacher_kwargs": {"depth": 1}})
-    with caplog.at_level(logging.WARNING, logger="insight.training.dinoiser"):
+    with caplog.at_level(logging.WARNING, logger="insight.training.dinoiser.teacher"):
         _, wid, mode = build_teacher(tc, 112)  # HF_HUB_OFFLINE=1: no weights here
     assert mode == "random" and wid == "random-init:seed=0"
     loud = [r for r in caplog.records if "NO PRETRAINED WEIGHTS" in r.getMessage()]
