@@ -18,6 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from insight.cache.format import (
     CacheReader,
@@ -32,6 +33,7 @@ from insight.cache.format import (
     resolve_fs,
     sha256,
 )
+from insight.cache.lock import ExtractionLock, make_guard
 from insight.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class ShardWorker:
     """A backbone replica: encodes whole shards and writes them atomically."""
 
     def __init__(self, cfg_json: str, items: list[dict], location: str, grid: tuple[int, int],
-                 threads: int) -> None:
+                 threads: int, token: str) -> None:
         import torch
 
         from insight.backbones import build_backbone
@@ -78,6 +80,7 @@ class ShardWorker:
         self.items = items
         self.fs, self.path = resolve_fs(location)
         self.grid = grid
+        self.token = token  # the run's hold on the folder: see insight.cache.lock
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -111,10 +114,11 @@ class ShardWorker:
             name = f"shard-{int(shard):05d}.parquet"
             info = ShardInfo(name=name, images=len(ids), tokens=len(ids) * self.grid[0] * self.grid[1],
                              sha256=sha256(data), bytes=len(data), first_index=int(start))
-            atomic_write(self.fs, join(self.path, "shards", name), data)
+            guard = make_guard(self.fs, self.path, self.token, f"shard {name}")
+            atomic_write(self.fs, join(self.path, "shards", name), data, guard=guard)
             side = {"info": asdict(info), "skipped": skipped, "seconds": time.perf_counter() - t0}
             atomic_write(self.fs, join(self.path, "shards", name.replace(".parquet", ".json")),
-                         json.dumps(side).encode())
+                         json.dumps(side).encode(), guard=guard)
             out["shard"].append(int(shard))
             out["meta"].append(json.dumps(side))
         return {"shard": np.array(out["shard"], dtype=np.int64), "meta": np.array(out["meta"], dtype=object)}
@@ -140,20 +144,37 @@ def extract(cfg, progress: bool = True) -> dict[str, Any]:
     fs, path = resolve_fs(location)
     base = {"cache": location, "key": key, "grid": list(grid), "dim": backbone.dim}
 
-    if exists(fs, join(path, "manifest.json")):
+    def finished() -> dict[str, Any]:
         m = CacheReader(location).manifest
         return {**base, "new_shards": 0, "shards": len(m.shards), "images": m.num_images,
                 "tokens": m.num_tokens, "skipped": len(m.skipped), "seconds": time.perf_counter() - t_start,
                 "status": "complete (nothing to do)"}
 
+    if exists(fs, join(path, "manifest.json")):
+        return finished()
+    # One run writes the folder at a time; the leftovers of a killed run cannot write into it.
+    with ExtractionLock(fs, path) as lock:
+        if exists(fs, join(path, "manifest.json")):  # finished by the run that held the lock before
+            return finished()
+        return _extract_locked(cfg, progress, dataset, backbone, identity, key, grid, location, lock,
+                               base, t_start)
+
+
+def _extract_locked(cfg, progress: bool, dataset, backbone, identity: dict[str, Any], key: str,
+                    grid: tuple[int, int], location: str, lock: ExtractionLock, base: dict[str, Any],
+                    t_start: float) -> dict[str, Any]:
+    fs, path = lock.fs, lock.folder
     items = work_items(dataset.records, cfg.data.views)
     size = cfg.cache.shard_images
     plan = [(s, s * size, min(len(items), (s + 1) * size)) for s in range((len(items) + size - 1) // size)]
     done: dict[int, dict] = {}
     for s, _, _ in plan:
         side = join(path, "shards", f"shard-{s:05d}.json")
-        if exists(fs, side) and exists(fs, side.replace(".json", ".parquet")):
-            done[s] = json.loads(read_bytes(fs, side))
+        shard = fs.get_file_info(side.replace(".json", ".parquet"))
+        if exists(fs, side) and shard.type == pafs.FileType.File:
+            rec = json.loads(read_bytes(fs, side))
+            if shard.size == rec["info"]["bytes"]:  # else redo: the pair does not belong together
+                done[s] = rec
     todo = [p for p in plan if p[0] not in done]
     log.info("extract: %d images x %d views -> %d shards (%d done, %d to do) at %s",
              len(dataset), cfg.data.views, len(plan), len(done), len(todo), location)
@@ -173,7 +194,7 @@ def extract(cfg, progress: bool = True) -> dict[str, Any]:
             ShardWorker,
             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(by_alias=True), "items": items,
                                    "location": location, "grid": grid,
-                                   "threads": int(cfg.extract.cpus_per_worker)},
+                                   "threads": int(cfg.extract.cpus_per_worker), "token": lock.token},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=cfg.extract.num_workers),
             num_cpus=cfg.extract.cpus_per_worker,
@@ -195,7 +216,10 @@ def extract(cfg, progress: bool = True) -> dict[str, Any]:
     for s, _, _ in plan:
         manifest.shards.append(ShardInfo(**done[s]["info"]))
         manifest.skipped.update(done[s]["skipped"])
-    atomic_write(fs, join(path, "manifest.json"), manifest.to_json().encode())
+    atomic_write(fs, join(path, "manifest.json"), manifest.to_json().encode(), guard=lock.guard("the manifest"))
+    for f in fs.get_file_info(pafs.FileSelector(join(path, "shards"), allow_not_found=True)):
+        if f.base_name.startswith(".tmp-"):  # left by killed workers; live ones of this run are done
+            fs.delete_file(f.path)
     if manifest.skipped:
         log.warning("extract: skipped %d unreadable images: %s", len(manifest.skipped),
                     ", ".join(f"{k} ({v})" for k, v in list(manifest.skipped.items())[:5]))

@@ -22,9 +22,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +39,52 @@ FORMAT_VERSION = 1
 
 class CacheError(RuntimeError):
     """A cache that is missing, corrupt or not what the caller expected."""
+
+
+REBUILD_HINT = "delete the cache folder and rerun `insight extract` (or `insight cache import`) to rebuild it"
+
+
+class ShardError(CacheError):
+    """One shard of a cache is missing, truncated or altered; the message names it."""
+
+    def __init__(self, location: str, shard: str, problem: str) -> None:
+        self.location, self.shard, self.problem = location, shard, problem
+        super().__init__(f"shard {location}/shards/{shard} {problem}; check every shard with "
+                         f"`insight cache verify {location}`, or {REBUILD_HINT}")
+
+    def __reduce__(self):  # crosses Ray task and worker boundaries intact
+        return (ShardError, (self.location, self.shard, self.problem))
+
+
+def cache_error_in(exc: BaseException) -> CacheError | None:
+    """The CacheError behind ``exc``, also when it crossed a Ray task, actor or Train worker boundary.
+
+    Ray wraps a remote error (RayTaskError, WorkerGroupError.worker_failures, ControllerError)
+    and prints its traceback in the message; callers re-raise the original, shard-naming message.
+    """
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        cause = getattr(e, "cause", None)  # RayTaskError: the remote exception
+        if isinstance(e, CacheError) and not isinstance(cause, BaseException):
+            return e
+        todo += [cause, e.__cause__, getattr(e, "controller_failure", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    # Ray Data wraps a failed UDF in UserCodeException and pickling drops its __cause__: the
+    # ShardError survives only in the remote traceback text.
+    for e in seen:
+        m = _SHARD_ERROR_TEXT.search(f"{getattr(e, 'traceback_str', '')}\n{e}")
+        if m:
+            return ShardError(m["location"], m["shard"], m["problem"])
+    return None
+
+
+_SHARD_ERROR_TEXT = re.compile(
+    r"ShardError: shard (?P<location>\S.*?)/shards/(?P<shard>[^/\s]+) (?P<problem>.+?); check every shard")
 
 
 # ------------------------------------------------------------------ filesystem
@@ -58,13 +105,23 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write to a unique temp name beside ``path``, then rename over it."""
+def atomic_write(fs: pafs.FileSystem, path: str, data: bytes, guard: Callable[[], None] | None = None) -> None:
+    """Write to a unique temp name beside ``path``, then rename over it.
+
+    ``guard`` runs between the two and may raise to drop the write (insight.cache.lock: a worker
+    of a run that no longer holds the cache folder).
+    """
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
     with fs.open_output_stream(tmp) as out:
         out.write(data)
+    if guard is not None:
+        try:
+            guard()
+        except BaseException:
+            fs.delete_file(tmp)
+            raise
     fs.move(tmp, path)
 
 
@@ -155,8 +212,13 @@ def encode_shard(ids: list[str], indices: list[int], feats_nhwd: np.ndarray, dty
 
 def decode_shard(data: bytes, grid: tuple[int, int], dim: int, where: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """-> (image ids, indices (n,), features (n, H, W, D) in the stored dtype)."""
+    # ParquetFile on this thread, not pq.read_table: read_table's dataset scan hands the file (and
+    # with it the Python buffer of ``data``) to Arrow's thread pool, which may drop it during
+    # interpreter exit; taking the GIL then kills the thread inside a C++ destructor and the
+    # process aborts ("terminate called without an active exception", exit 134).
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        with pq.ParquetFile(pa.BufferReader(data)) as pf:
+            table = pf.read(use_threads=False)
         ids = table.column("image_id").to_pylist()
         idx = table.column("index").to_numpy()
         col = table.column("features").combine_chunks()
@@ -214,16 +276,67 @@ class CacheReader:
     def shard_path(self, info: ShardInfo) -> str:
         return join(self.path, "shards", info.name)
 
+    def _where(self, info: ShardInfo) -> str:
+        return f"{self.location}/shards/{info.name}"
+
+    def _bad(self, info: ShardInfo, problem: str) -> ShardError:
+        return ShardError(self.location, info.name, problem)
+
+    def _stat(self, info: ShardInfo) -> None:
+        """The shard exists as a file of the size the manifest recorded (one metadata call)."""
+        st = self.fs.get_file_info(self.shard_path(info))
+        if st.type == pafs.FileType.NotFound:
+            raise self._bad(info, "is missing")
+        if st.type != pafs.FileType.File:
+            raise self._bad(info, "is not a file")
+        if st.size != info.bytes:
+            raise self._bad(info, f"is corrupt: {st.size} bytes, the manifest recorded {info.bytes} (truncated?)")
+
     def read_shard(self, info: ShardInfo, verify: bool = True) -> tuple[list[str], np.ndarray]:
-        path = self.shard_path(info)
-        where = f"{self.location}/shards/{info.name}"
-        if not exists(self.fs, path):
-            raise CacheError(f"shard {where} is missing")
-        data = read_bytes(self.fs, path)
+        """(image ids, features (n, H, W, D)); a missing, truncated or altered shard is a CacheError naming it."""
+        self._stat(info)
+        try:
+            data = read_bytes(self.fs, self.shard_path(info))
+        except OSError as exc:
+            raise self._bad(info, f"cannot be read: {exc}") from exc
         if verify and sha256(data) != info.sha256:
-            raise CacheError(f"shard {where} is corrupt: checksum mismatch")
-        ids, _, feats = decode_shard(data, self.manifest.grid, self.manifest.dim, where)
+            raise self._bad(info, "is corrupt: checksum mismatch")
+        where = self._where(info)
+        try:
+            ids, _, feats = decode_shard(data, self.manifest.grid, self.manifest.dim, where)
+        except CacheError as exc:
+            raise self._bad(info, str(exc).removeprefix(f"shard {where} ")) from exc
         return ids, feats
+
+    def _hash_shard(self, info: ShardInfo) -> None:
+        self._stat(info)
+        h = hashlib.sha256()
+        try:
+            with self.fs.open_input_stream(self.shard_path(info)) as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        except OSError as exc:
+            raise self._bad(info, f"cannot be read: {exc}") from exc
+        if h.hexdigest() != info.sha256:
+            raise self._bad(info, "is corrupt: checksum mismatch")
+
+    def check(self, checksums: bool = True, threads: int = 4) -> dict[str, Any]:
+        """Before a step reads the cache: every shard is there with its recorded size and, with
+        ``checksums``, its recorded sha256. Raises a CacheError naming the first bad shard, so a
+        step fails before it starts workers instead of inside one (or on bad values)."""
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.perf_counter()
+        shards = self.manifest.shards
+        for info in shards:
+            self._stat(info)
+        if checksums and shards:
+            # hashlib releases the GIL on large blocks: a few threads hash shards in parallel.
+            with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+                list(pool.map(self._hash_shard, shards))
+        return {"shards": len(shards), "bytes": sum(s.bytes for s in shards), "checksums": checksums,
+                "seconds": time.perf_counter() - t0}
 
     def iter_images(self, split: str | None = None, val_fraction: float = 0.0) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (image id, features (H, W, D) float32), optionally one split only."""
@@ -266,24 +379,28 @@ class CacheReader:
 
         Read and reshape tasks ask for ``num_cpus`` each (default half a CPU) so
         they can run beside training workers that hold most of a node's CPUs.
+        Each task reads whole shards through `read_shard`, so every read is checked against the
+        manifest's sha256 and a bad shard fails with a CacheError that names it (Ray Data's
+        Parquet reader verifies nothing and reports errors without the file).
         """
         import ray.data
 
-        paths = [self.shard_path(s) for s in self.manifest.shards]
-        grid, dim = self.manifest.grid, self.manifest.dim
-        ds = ray.data.read_parquet(paths, filesystem=self.fs, ray_remote_args={"num_cpus": num_cpus})
-        ds = ds.select_columns(["image_id", "features"])
+        dim = self.manifest.dim
+        shards = self.manifest.shards
+        ds = ray.data.from_items([{"shard": i} for i in range(len(shards))],
+                                 override_num_blocks=max(1, len(shards)))
 
         def to_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            ids = batch["image_id"]
-            feats = np.stack(list(batch["features"])) if batch["features"].dtype == object else batch["features"]
-            feats = np.asarray(feats).reshape(len(ids), grid[0] * grid[1], dim)
-            if split is not None:
-                mask = np.array([(split == "val") == is_validation(str(x), val_fraction) for x in ids], dtype=bool)
-                feats = feats[mask]
-            return {"x": feats.reshape(-1, dim).astype(np.float32)}
+            out = [np.zeros((0, dim), np.float32)]
+            for s in batch["shard"]:
+                ids, feats = self.read_shard(shards[int(s)])
+                if split is not None:
+                    keep = [i for i, x in enumerate(ids) if (split == "val") == is_validation(x, val_fraction)]
+                    feats = feats[keep]
+                out.append(feats.reshape(-1, dim).astype(np.float32))
+            return {"x": np.concatenate(out)}
 
-        return ds.map_batches(to_tokens, batch_format="numpy", num_cpus=num_cpus)
+        return ds.map_batches(to_tokens, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
 
     def text_embeddings(self) -> tuple[list[str], np.ndarray] | None:
         """Vocabulary embeddings imported with the features, if any."""
