@@ -50,13 +50,20 @@ class StepFailed(Exception):
 
 def run_step(fn: Callable[[], dict[str, Any]]) -> None:
     """Run a step; known failures print a clear message and a JSON error line, exit 2."""
-    from insight.cache.format import CacheError
+    from insight.cache.format import cache_error_in
 
     try:
         result = fn()
-    except (ConfigError, CacheError, FileNotFoundError, ValueError, StepFailed) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        emit({"ok": False, "error": str(exc)})
+    except Exception as exc:
+        # A bad cache may surface inside a Ray task or Train worker: report the shard-naming
+        # CacheError itself, not Ray's wrapper and its remote traceback.
+        known = cache_error_in(exc)
+        if known is None and isinstance(exc, (ConfigError, FileNotFoundError, ValueError, StepFailed)):
+            known = exc
+        if known is None:
+            raise
+        typer.echo(f"error: {known}", err=True)
+        emit({"ok": False, "error": str(known)})
         raise typer.Exit(2) from None
     emit({"ok": True, **result})
 
@@ -295,14 +302,22 @@ def cache_info(location: str = typer.Argument(..., help="Cache folder or URI (�
 
 @cache_app.command("verify")
 def cache_verify(location: str = typer.Argument(..., help="Cache folder or URI (…/<key>).")) -> None:
-    """Read every shard and check its checksum; names the first bad shard."""
+    """Read every shard, check its size and sha256 against the manifest and decode it; names every bad shard."""
 
     def go() -> dict[str, Any]:
-        from insight.cache import CacheReader
+        from insight.cache import CacheReader, ShardError
+        from insight.cache.format import REBUILD_HINT
 
         reader = CacheReader(location)
+        bad = []
         for info in reader.manifest.shards:
-            reader.read_shard(info, verify=True)
+            try:
+                reader.read_shard(info, verify=True)
+            except ShardError as exc:
+                bad.append(f"{exc.shard} {exc.problem}")
+        if bad:
+            raise StepFailed(f"{len(bad)} of {len(reader.manifest.shards)} shards of {location} are bad: "
+                             f"{'; '.join(bad[:20])}{' …' if len(bad) > 20 else ''}; {REBUILD_HINT}")
         return {"cache": location, "shards": len(reader.manifest.shards), "verified": True}
 
     run_step(go)
