@@ -116,13 +116,15 @@ def application(cfg: Any, ref: str, uri: str, dst: str | None = None) -> Applica
     model_opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": env},
         "max_ongoing_requests": max(16, 2 * s.max_batch_size),
+        # batching as user_config: a redeploy that changes only these reconfigures in place (no model reload)
+        "user_config": {"max_batch_size": s.max_batch_size, "batch_wait_s": s.batch_wait_s},
     }
     if s.autoscaling:
         model_opts["autoscaling_config"] = dict(s.autoscaling)
     else:
         model_opts["num_replicas"] = s.replicas
     tasks = cfg.tasks.model_dump(mode="json", exclude_unset=True)  # only the keys set at serve time
-    model = InsightModel.options(**model_opts).bind(loader, s.model_dump(), tasks)
+    model = InsightModel.options(**model_opts).bind(loader, max(1, int(s.num_cpus)), tasks)
     ingress_env = {"env_vars": {**env["env_vars"], **INGRESS_MALLOC_ENV}}
     ingress = InsightIngress.options(
         num_replicas=s.ingress_replicas,

@@ -38,21 +38,19 @@ def _serve_default(key: str) -> Any:
 class InsightModel:
     """One replica: the model, a single compute thread, a batch queue."""
 
-    def __init__(self, loader: ModelLoader, settings: dict[str, Any], tasks: dict[str, Any] | None = None) -> None:
-        """``settings``: the ServeConfig (batching, CPUs); ``tasks``: the serve-time ``tasks.*`` overrides."""
-        from insight.config import ServeConfig
+    def __init__(self, loader: ModelLoader, threads: int = 1, tasks: dict[str, Any] | None = None) -> None:
+        """``tasks``: the serve-time ``tasks.*`` overrides. Batching comes from ServeConfig as the
+        deployment's user_config (:meth:`reconfigure`, called before any request)."""
         from serve.engine import Engine  # torch: only model replicas import it
 
-        s = ServeConfig.model_validate(settings)
-        self.engine = Engine(loader(), threads=max(1, int(s.num_cpus)), tasks=tasks)
-        self.reconfigure({"max_batch_size": s.max_batch_size, "batch_wait_s": s.batch_wait_s})
+        self.engine = Engine(loader(), threads=threads, tasks=tasks)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insight-model")
         self._inflight = 0
         log.info("InsightModel ready: %s (%d concepts, %s)", self.engine.public_ref(),
                  self.engine.sae.n_concepts, self.engine.concepts.source)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batching knobs (ServeConfig's, also as Serve's user_config): changed in place, no model reload."""
+        """Batching knobs (ServeConfig's, as Serve's user_config): changed in place, without reloading the model."""
         if "max_batch_size" in user_config:
             self._explain_batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_s" in user_config:
@@ -62,7 +60,10 @@ class InsightModel:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def info(self) -> dict[str, Any]:
-        return self.engine.info()
+        """The model's description, and the batching this replica runs with (ServeConfig's)."""
+        batched = self._explain_batched
+        return {**self.engine.info(), "batching": {"max_batch_size": batched._get_max_batch_size(),
+                                                   "batch_wait_s": batched._get_batch_wait_timeout_s()}}
 
     async def ping(self) -> bool:
         return True

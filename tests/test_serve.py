@@ -74,6 +74,8 @@ def test_healthz_and_model(served, client):
     assert m["config"]["sae"]["k"] == 8 and m["concepts_named"] is True and m["has_probe"] is False
     assert m["config"]["tasks"]["crop"] == 112 and "workdir" not in m["config"]
     assert m["limits"]["max_pixels"] == LIMITS["max_pixels"] and m["limits"]["body_timeout_s"] == 2.0
+    # the model replica batches as ServeConfig says (the decorator's defaults are 8 and 0.01)
+    assert m["batching"] == {"max_batch_size": LIMITS["max_batch_size"], "batch_wait_s": LIMITS["batch_wait_s"]}
     # no local path anywhere: the model is named by its registry name and version
     text = json.dumps(m)
     for secret in (str(served.root), str(served.checkpoint), "/tmp", API_KEY, "sqlite"):
