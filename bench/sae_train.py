@@ -49,17 +49,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from insight.config import REFERENCE_FRACTIONS, SAEConfig  # noqa: E402
-from insight.sae import (  # noqa: E402
-    MatryoshkaSAE,
-    batch_topk,
-    dense_decode_groups,
-    fvu,
-    group_sizes_from_fractions,
-    keep_freed_memory,
-    make_optimizer,
-    sparse_decode_groups,
-    train_step,
-)
+from insight.sae import MatryoshkaSAE, make_optimizer, train_step  # noqa: E402
+from insight.sae.metrics import fvu  # noqa: E402
+from insight.sae.model import batch_topk, group_sizes_from_fractions  # noqa: E402
+from insight.sae.sparse import dense_decode_groups, sparse_decode_groups  # noqa: E402
+from insight.sae.step import keep_freed_memory  # noqa: E402
 
 VENV_HINT = (
     "python -m venv .bench-venv && .bench-venv/bin/pip install -c constraints.txt torch==2.14.1 "

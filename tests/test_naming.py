@@ -120,7 +120,7 @@ def test_template_sets_and_prompted_background():
     'background' is an ordinary prompted class (without DINOiser heads there is nothing to override)."""
     from insight.backbones import build_backbone
     from insight.config import ConfigError, load_config
-    from insight.tasks import ClassBank, Segmenter
+    from insight.tasks.segmentation import ClassBank, Segmenter
 
     cfg = load_config(TINY, ["backbone.templates=imagenet80"])
     assert len(cfg.backbone.templates) == 80 == len(set(cfg.backbone.templates))

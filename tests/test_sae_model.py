@@ -8,30 +8,12 @@ import pytest
 import torch
 
 from insight.config import REFERENCE_FRACTIONS, SAEConfig
-from insight.sae import (
-    MatryoshkaSAE,
-    batch_topk,
-    calibrate_threshold,
-    cosine,
-    dead_fraction_per_group,
-    dead_mask,
-    dense_decode_groups,
-    fvu,
-    fvu_per_prefix,
-    geometric_median,
-    group_l0,
-    group_sizes_from_fractions,
-    l0,
-    load_checkpoint,
-    load_sae,
-    make_optimizer,
-    matryoshka_loss,
-    save_sae,
-    sparse_decode_groups,
-    train_step,
-    update_dead_counter,
-)
-from insight.sae.sparse import SparseCodes
+from insight.sae import MatryoshkaSAE, load_sae, make_optimizer, matryoshka_loss, save_sae, train_step
+from insight.sae.metrics import cosine, dead_fraction_per_group, fvu, fvu_per_prefix, group_l0, l0
+from insight.sae.model import batch_topk, geometric_median, group_sizes_from_fractions
+from insight.sae.objectives import dead_mask, update_dead_counter
+from insight.sae.sparse import SparseCodes, dense_decode_groups, sparse_decode_groups
+from insight.sae.step import calibrate_threshold, load_checkpoint
 
 D_TOY, ATOMS, ACTIVE = 32, 64, 3
 

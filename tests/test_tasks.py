@@ -37,16 +37,9 @@ def _voc_rgb():
 
 def test_contribution_identity(tiny_parts):
     """Concept terms + bias, over the reconstruction norm, give back the logits (patches, pixels, segments)."""
-    from insight.tasks import (
-        ClassBank,
-        Classifier,
-        Segmenter,
-        explain_segments,
-        explain_zero_shot,
-        reconstruction_logits,
-        segment_bias_map,
-        segment_concept_maps,
-    )
+    from insight.tasks import Classifier, Segmenter, explain_segments, explain_zero_shot, segment_concept_maps
+    from insight.tasks.explain import reconstruction_logits, segment_bias_map
+    from insight.tasks.segmentation import ClassBank
 
     cfg, backbone, sae = tiny_parts
     bank = ClassBank.build(backbone, ["background", "person", "chair", "diningtable"], cfg.backbone.templates, True)
@@ -93,7 +86,8 @@ def test_contribution_identity(tiny_parts):
 
 
 def test_sliding_window_equals_single_pass(tiny_parts):
-    from insight.tasks import ClassBank, Segmenter, assemble, assemble_adjoint, plan_windows
+    from insight.tasks.segmentation import ClassBank, Segmenter
+    from insight.tasks.windows import assemble, assemble_adjoint, plan_windows
 
     cfg, backbone, sae = tiny_parts
     crop = cfg.tasks.crop
@@ -123,7 +117,7 @@ def test_sliding_window_equals_single_pass(tiny_parts):
 
 def test_concepts_plus_residual_route_is_the_opaque_route(tiny_parts):
     """x = x^ + (x - x^): concept terms + bias + residual over ||x|| give the opaque logits, labels exactly."""
-    from insight.tasks import ClassBank, Segmenter
+    from insight.tasks.segmentation import ClassBank, Segmenter
 
     cfg, backbone, sae = tiny_parts
     bank = ClassBank.build(backbone, ["background", "person", "chair", "diningtable"], cfg.backbone.templates, True)
@@ -150,7 +144,7 @@ def test_background_combines_confidence_and_dinoiser_saliency(tmp_path):
 
     from insight.backbones import build_backbone
     from insight.config import load_config
-    from insight.tasks import ClassBank, Segmenter
+    from insight.tasks.segmentation import ClassBank, Segmenter
 
     gen = torch.Generator().manual_seed(0)
     heads = {"obj_proj.weight": torch.randn(16, 64, 3, 3, generator=gen) * 0.05, "obj_proj.bias": torch.zeros(16),
@@ -402,7 +396,7 @@ def test_evaluate_cli_end_to_end(tiny_cache, tmp_path):
     assert row["image"] == "voc_person" and float(row["miou_concepts"]) == pytest.approx(res["miou_concepts"], abs=1e-5)
     assert float(row["recon_fvu"]) == pytest.approx(res["recon_fvu"], rel=1e-3)  # one image: pooled = per image
     # the fidelity figures are the training metrics on the patches the segmenter saw
-    from insight.sae import cosine, fvu
+    from insight.sae.metrics import cosine, fvu
     from insight.tasks import Segmenter
     from insight.tracking import load_model
 

@@ -47,7 +47,7 @@ def test_two_workers_match_one_worker_and_resume(tiny_cache, tmp_path):
     arts = {a.path for a in client.list_artifacts(two["run_id"], "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= arts
 
-    from insight.sae import load_checkpoint
+    from insight.sae.step import load_checkpoint
 
     ck = load_checkpoint(two["checkpoint"])
     assert ck.step == 30 and ck.optimizer_state is not None

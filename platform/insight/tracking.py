@@ -111,7 +111,7 @@ class LoadedModel:
 
 def _from_checkpoint(folder: Path, **extra: Any) -> LoadedModel:
     from insight.config import InsightConfig
-    from insight.sae import load_checkpoint
+    from insight.sae.step import load_checkpoint
 
     ck = load_checkpoint(folder)
     cfg = InsightConfig.model_validate(ck.config) if ck.config else InsightConfig()

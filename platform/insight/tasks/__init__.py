@@ -12,68 +12,22 @@ Per image (what a server calls)::
     why = explain_zero_shot(out, int(out.logits_f.argmax()))
 
 Over a dataset: `insight.tasks.evaluate.evaluate(cfg, model_ref)` (`insight evaluate`).
+
+These are the package's public names; the building blocks (class banks, sliding
+windows, decompositions, metrics) stay in their modules.
 """
 
-from insight.tasks.classification import (
-    ClassExplanation,
-    ClassificationResult,
-    Classifier,
-    ConceptProbe,
-    concept_vectors,
-    concept_vectors_from_cache,
-    explain_zero_shot,
-    train_probe,
-)
-from insight.tasks.explain import (
-    ConceptContribution,
-    Decomposition,
-    PatchCodes,
-    SegmentExplanation,
-    concept_namer,
-    coverage_counts,
-    decompose,
-    encode_sparse,
-    explain_segments,
-    reconstruction_logits,
-    segment_bias_map,
-    segment_concept_maps,
-)
-from insight.tasks.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy, topk_accuracy
-from insight.tasks.segmentation import ClassBank, SegmentationResult, Segmenter, WindowFeatures
-from insight.tasks.windows import SlidePlan, assemble, assemble_adjoint, plan_windows
+from insight.tasks.classification import Classifier, ConceptProbe, explain_zero_shot, train_probe
+from insight.tasks.explain import concept_namer, explain_segments, segment_concept_maps
+from insight.tasks.segmentation import Segmenter
 
 __all__ = [
-    "ClassBank",
-    "ClassExplanation",
-    "ClassificationResult",
     "Classifier",
-    "ConceptContribution",
     "ConceptProbe",
-    "Decomposition",
-    "PatchCodes",
-    "SegmentExplanation",
-    "SegmentationResult",
     "Segmenter",
-    "SlidePlan",
-    "WindowFeatures",
-    "assemble",
-    "assemble_adjoint",
     "concept_namer",
-    "concept_vectors",
-    "concept_vectors_from_cache",
-    "confusion_matrix",
-    "coverage_counts",
-    "decompose",
-    "encode_sparse",
     "explain_segments",
     "explain_zero_shot",
-    "iou_per_class",
-    "mean_iou",
-    "pixel_accuracy",
-    "plan_windows",
-    "reconstruction_logits",
-    "segment_bias_map",
     "segment_concept_maps",
-    "topk_accuracy",
     "train_probe",
 ]

@@ -456,7 +456,7 @@ class EvalWorker:
         import torch
         import torch.nn.functional as F
 
-        from insight.sae import cosine
+        from insight.sae.metrics import cosine
 
         k = len(self.space.names)
         offset = self.space.offset

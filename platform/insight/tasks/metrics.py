@@ -94,7 +94,7 @@ def reconstruction_fidelity(x_pd, x_hat_pd, groups: int = 1) -> dict[str, float]
     and mean cosine are averaged (``fvu_window_mean``, ``cosine_window_mean``) and bounded
     (``fvu_window_max``, ``cosine_window_min``).
     """
-    from insight.sae import cosine, fvu
+    from insight.sae.metrics import cosine, fvu
 
     n = len(x_pd)
     if n == 0 or groups < 1 or n % groups:

@@ -100,7 +100,7 @@ def evaluate(sae, x_nd, batch: int = 8192) -> dict[str, float]:
     """Inference-mode (thresholded) FVU, cosine and L0 on held-out tokens."""
     import torch
 
-    from insight.sae import cosine, fvu, l0
+    from insight.sae.metrics import cosine, fvu, l0
 
     if x_nd is None or len(x_nd) == 0:
         return {}
@@ -149,7 +149,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from insight.cache import CacheReader
     from insight.config import InsightConfig
-    from insight.sae import MatryoshkaSAE, calibrate_threshold, load_checkpoint, make_optimizer, save_sae, train_step
+    from insight.sae.model import MatryoshkaSAE
+    from insight.sae.step import calibrate_threshold, load_checkpoint, make_optimizer, save_sae, train_step
 
     cfg = InsightConfig.model_validate(config["cfg"])
     session = _Session(config.get("runner", "train"))
