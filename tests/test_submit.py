@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from insight.runtime import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TINY = "configs/tiny.yaml"
@@ -95,9 +97,7 @@ def ray_cluster():
         "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
         "node-manager-port", "object-manager-port")}
     worker_base = random.randrange(20000, 29000, 100)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
-           "INSIGHT_LOG": "INFO", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **OFFLINE_ENV, "INSIGHT_LOG": "INFO", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(var, None)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
