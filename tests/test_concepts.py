@@ -122,7 +122,7 @@ def test_hierarchy_aliases_cycles_reduces_shortcuts_and_levels():
     assert h.children[0] == [1] and h.children[1] == [2] and h.children[3] == h.children[4] == [9]
     assert h.level.tolist() == [0, 1, 2, 0, 0, 0, 0, 0, -1, 1]
     assert h.roots == [0, 4, 7] and h.with_parents == 3 and h.levels == 3
-    assert h.alias_edges == 5 and h.shortcuts_dropped == 1 and h.dense_edges_dropped == 0
+    assert h.alias_edges == 5 and h.shortcuts_dropped == 1 and h.dense_edges_dropped == h.uncovered_dropped == 0
     # family naming: one-way relations only (2 keeps its grandparent: Dthr is not reduced), no aliases
     assert h.family[2] == [(1, 0.95), (0, 0.9)] and h.family[3] == [] and h.family[9] == [(3, 0.85)]
     back = Hierarchy.from_json(json.loads(json.dumps(h.to_json())))
@@ -152,7 +152,8 @@ def test_cofiring_block_is_one_alias_class_from_the_real_pass(tmp_path):
 
     Identity SAE: concept i is feature i. 0-5 fire together on the top right of most images (each drops out
     on 5% of the block's patches, so frequencies differ a little); 7 fires on part of 6's region; 8 covers the
-    left 5 of 8 columns everywhere, and 9 fires on a few patches inside it.
+    left 5 of 8 columns everywhere, and 9 fires on a few patches inside it. On 20 more images, a relation
+    that is not transitive: 12 lies inside 11 (Dn 1), 11 mostly inside 10 (0.8), but 12 half outside 10.
     """
     from insight.cache import CacheReader
     from insight.cache.importer import import_features
@@ -160,8 +161,8 @@ def test_cofiring_block_is_one_alias_class_from_the_real_pass(tmp_path):
     from insight.concepts.stats import partial_stats
 
     rng = np.random.default_rng(0)
-    n, g, dim = 60, 8, 10
-    grids = np.zeros((n, g, g, dim), np.float32)
+    n, g, dim = 60, 8, 13
+    grids = np.zeros((n + 20, g, g, dim), np.float32)
     block = list(range(6))
     for im in range(n):
         if rng.random() < 0.8:
@@ -178,23 +179,31 @@ def test_cofiring_block_is_one_alias_class_from_the_real_pass(tmp_path):
         if rng.random() < 0.5:
             y, x = rng.integers(0, g), rng.integers(0, 4)
             grids[im, y, x : x + 2, 9] = rng.uniform(1, 2, size=2)
+    grids[n:, 0:4, :, 10] = 1.5  # 32 patches
+    grids[n:, 0:5, 0:4, 11] = 1.5  # 20 patches, 16 of them in 10's
+    grids[n:, 3:5, 0:2, 12] = 1.5  # 4 patches, all in 11's, 2 in 10's
     np.save(tmp_path / "g.npy", grids)
     reader = CacheReader(import_features(str(tmp_path / "g.npy"), str(tmp_path / "c"), shard_images=30)["cache"])
-    # the pass's task body over both shards in this process (the Ray fan-out is tested above)
-    stats = partial_stats(reader, [0, 1], _identity_sae(dim, threshold=0.25), eps=1e-3, radius=0, top_n=5)
+    # the pass's task body over every shard in this process (the Ray fan-out is tested above)
+    stats = partial_stats(reader, range(len(reader.manifest.shards)), _identity_sae(dim, threshold=0.25), eps=1e-3,
+                          radius=0, top_n=5)
     parents_all = raw_parents(stats, 0.75)
     freq = stats.frequency_m
     assert all(j in dict(parents_all[i]) for i in block for j in block if i != j)  # mutual: Dn > tau both ways
-    assert len(set(stats.count_m[block].tolist())) > 1 and freq[8] > 0.6 and freq[block].max() < 0.2
+    assert len(set(stats.count_m[block].tolist())) > 1 and freq[8] > 0.4 and freq[block].max() < 0.2
 
     h = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens, dense_share=0.3)
     rep = int(np.argmax(stats.count_m[block]))
     assert sorted(h.members(0)) == block and h.alias_class[block].tolist() == [rep] * 6
     assert h.level[block].tolist() == [0] * 6 and h.parents[rep] == [] and h.levels == 2  # no chain of 6
     assert h.parents[7] == [6] and h.children[6] == [7] and h.level[7] == 1 and 7 not in dict(parents_all[6])
-    assert h.dense.tolist() == [False] * 8 + [True, False]
+    assert h.dense.tolist() == [False] * 8 + [True] + [False] * 4
     assert 8 in dict(parents_all[9]) and h.parents[9] == [] and h.level[9] == 0  # dense: not a parent
     assert h.family[7] == [(6, dict(parents_all[7])[6])] and all(h.family[i] == [] for i in block)
+    dn = stats.dn_rows(0, dim)
+    assert (dn[11, 10], dn[10, 11], dn[12, 11], dn[12, 10]) == (0.8, 0.5, 1.0, 0.5)
+    assert h.parents[11] == [10] and h.parents[12] == [] and h.uncovered_dropped == 1  # under 11 would mean under 10
+    assert h.family[12] == [(11, 1.0)]  # the relation itself stays (parents_all, family naming)
     with_dense = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens, dense_share=0.3,
                                  dense_parents=True)
     assert with_dense.parents[9] == [8] and with_dense.level[9] == 1

@@ -2,7 +2,7 @@
 
 Relations keep the paper's definition: ``raw_parents`` lists, per concept i,
 every j != i with Dn[i,j] > tau ("wherever i fires, j fires too": j covers i).
-`build_hierarchy` turns those relations into a tree-like DAG by one rule:
+`build_hierarchy` turns those relations into a tree-like DAG by these rules:
 
 1. **Aliases.** When j covers i *and* i covers j (Dn[i,j] > tau and
    Dn[j,i] > tau) neither is broader: by the relation's own reading they
@@ -22,10 +22,18 @@ every j != i with Dn[i,j] > tau ("wherever i fires, j fires too": j covers i).
    i in A and j in B relate only one way (Dn[i,j] > tau, Dn[j,i] <= tau:
    every such cross-class relation is one-way, or i and j would be aliases)
    and B is not dense. The class graph is acyclic by construction.
-4. **Transitive reduction and levels on classes.** A parent class that is
-   also an ancestor of another parent class is dropped (a shortcut), so each
-   class keeps its nearest parents. Level 0 for root classes, else 1 + the
-   largest parent level: the longest chain of strict one-way coverings.
+4. **Nearest parents, only true ancestors.** Classes are processed parents
+   first; a class's candidates are the classes it relates to one way (its
+   *related* classes), deepest first. A candidate that is already an ancestor
+   (through a deeper parent) is a shortcut and dropped: the transitive
+   reduction. A candidate with an ancestor that is not related to the class
+   is dropped too ("uncovered"): Dn is not transitive (i 80% inside j and j
+   80% inside k can leave i half outside k), and a tree that hung i under j
+   would claim k contains i where the data says it does not. So every
+   ancestor of a concept covers it (Dn > tau for some pair of members): a
+   path root > ... > concept reads true at every step.
+5. **Levels** are computed on classes: 0 for root classes, else 1 + the
+   largest parent level, the longest chain of strict one-way coverings.
    -1 for concepts that never fired (they take no part).
 
 Per concept, `Hierarchy` gives its class's facts: ``parents`` and
@@ -52,6 +60,7 @@ the one pair of functions that knows the layout)::
     alias_edges          raw relations inside a class (not parent edges)
     dense_edges_dropped  raw cross-class relations into a dense class, unused
     shortcuts_dropped    class edges removed by the transitive reduction
+    uncovered_dropped    class edges not used: the parent has an ancestor that does not cover the child
     classes              one object per class of concepts that fired:
                          {id (the representative), members (most frequent
                          first), level, parents, children (representatives),
@@ -126,6 +135,7 @@ class Hierarchy:
     alias_edges: int = 0
     dense_edges_dropped: int = 0
     shortcuts_dropped: int = 0
+    uncovered_dropped: int = 0
     _members: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -203,7 +213,8 @@ class Hierarchy:
                 "dense_share": self.dense_share, "dense_parents": self.dense_parents,
                 "dense": [int(i) for i in np.nonzero(self.dense)[0]], "alias_classes": self.n_alias_classes,
                 "alias_edges": self.alias_edges, "dense_edges_dropped": self.dense_edges_dropped,
-                "shortcuts_dropped": self.shortcuts_dropped, "classes": classes, "nodes": nodes}
+                "shortcuts_dropped": self.shortcuts_dropped, "uncovered_dropped": self.uncovered_dropped,
+                "classes": classes, "nodes": nodes}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Hierarchy:
@@ -222,7 +233,7 @@ class Hierarchy:
                    np.array([int(n["alias_class"]) for n in nodes], np.int64),
                    np.array([bool(n["dense"]) for n in nodes], bool), float(doc["dense_share"]),
                    bool(doc["dense_parents"]), int(doc["alias_edges"]), int(doc["dense_edges_dropped"]),
-                   int(doc["shortcuts_dropped"]), members)
+                   int(doc["shortcuts_dropped"]), int(doc["uncovered_dropped"]), members)
 
     @classmethod
     def load(cls, path: Any) -> Hierarchy:
@@ -352,28 +363,25 @@ def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarra
     if len(order) != len(reps):  # pragma: no cover - alias classes are the SCCs: the class graph is acyclic
         raise RuntimeError("concept relations still hold a cycle between alias classes")
 
-    # ancestors as Python int bitsets (over representative ids); a parent that is another parent's ancestor
-    # is a shortcut
+    # nearest parents, classes in topological order; ancestors and related classes as Python int bitsets over
+    # representative ids. Candidates deepest first: one already among the ancestors is a shortcut; one with an
+    # ancestor that does not cover this class would make the tree claim a relation the data denies.
+    related = {a: sum(1 << b for b in dag[a]) for a in reps}
     ancestors: dict[int, int] = {}
     cls_parents: dict[int, list[int]] = {a: [] for a in reps}
-    shortcuts = 0
+    cls_level: dict[int, int] = {}
+    shortcuts = uncovered = 0
     for v in order:
-        ps = dag[v]
-        for p in ps:
-            others = 0
-            for q in ps:
-                if q != p:
-                    others |= ancestors[q]
-            if others >> p & 1:
+        acc = 0
+        for p in sorted(dag[v], key=lambda p, v=v: (-cls_level[p], -strength[v][p], p)):
+            if acc >> p & 1:
                 shortcuts += 1
+            elif ancestors[p] & ~related[v]:
+                uncovered += 1
             else:
                 cls_parents[v].append(p)
-        acc = 0
-        for p in ps:
-            acc |= ancestors[p] | (1 << p)
+                acc |= ancestors[p] | (1 << p)
         ancestors[v] = acc
-    cls_level: dict[int, int] = {}
-    for v in order:
         cls_level[v] = 1 + max((cls_level[p] for p in cls_parents[v]), default=-1) if alive[v] else -1
     cls_children: dict[int, list[int]] = {a: [] for a in reps}
     for v in reps:
@@ -385,4 +393,5 @@ def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarra
     parents = [list(cls_parents[int(rep[i])]) for i in range(m)]
     children = [list(cls_children[int(rep[i])]) for i in range(m)]
     return Hierarchy(m, alive, parents_all, parents, children, level, rep.astype(np.int64), dense,
-                     float(dense_share), bool(dense_parents), alias_edges, dense_dropped, shortcuts, members)
+                     float(dense_share), bool(dense_parents), alias_edges, dense_dropped, shortcuts, uncovered,
+                     members)
