@@ -14,7 +14,7 @@ $(foreach kv,$(OFFLINE_ENV),$(eval $(subst =, ?= ,$(kv))))
 export $(foreach kv,$(OFFLINE_ENV),$(firstword $(subst =, ,$(kv))))
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo lint format bench clean browser
+.PHONY: venv test demo lint format bench clean browser postgresql cluster-up cluster-down test-cluster
 
 # The browser tests drive Debian's chromium through the playwright package
 # (`playwright install` cannot download browsers here). CI runs as root on a
@@ -37,6 +37,25 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# The production topology on this machine (docs/cluster.md): PostgreSQL (Debian's,
+# installed here when missing), moto's S3 server, an MLflow server on both and a
+# 3-node Ray cluster, all on 127.0.0.1. cluster-down stops exactly what cluster-up started.
+postgresql:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
+cluster-up: $(STAMP) postgresql
+	@bash scripts/cluster-up.sh $(VENV)
+
+cluster-down: $(STAMP)
+	@bash scripts/cluster-down.sh $(VENV)
+
+# Brings the topology up from nothing, runs the pipeline on it, loses nodes, restarts MLflow.
+test-cluster: $(STAMP) browser postgresql
+	$(PY) -m pytest -q -m cluster tests/test_cluster_topology.py
 
 demo: $(STAMP)
 	@bash scripts/demo.sh $(VENV)
