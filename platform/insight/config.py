@@ -418,6 +418,13 @@ class ConceptsConfig(Section):
     """`insight concepts`: relations, hierarchy, names and galleries (docs/method.md, Relations and Naming)."""
 
     eps: float = Field(0.001, ge=0, description="A concept is active on a patch when z > eps.")
+    eps_theta: float = Field(
+        0.0, ge=0,
+        description="Activity floor relative to the SAE's inference threshold theta: relations count a concept as"
+        " active where z > max(eps, eps_theta * theta). With k above the data's own sparsity, thresholded codes"
+        " hold many weak activations just above theta that dilute Dn (bench/concept_recovery.py: a child's"
+        " weak firings outside its parent carried half its mass at k = 4); 2 drops them. 0: the reference.",
+    )
     tau: float = Field(
         0.75, gt=0, le=1,
         description="j relates to i when Dn[i,j] > tau: j is i's parent when only that way holds, else they are aliases.",

@@ -135,7 +135,8 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
 
         ensure_ray(cfg)
         t0 = time.perf_counter()
-        stats = compute_stats(reader, sae, eps=c.eps, radius=c.radius, top_n=c.top_n, split=c.split,
+        eps = max(c.eps, c.eps_theta * float(sae.threshold))  # activity floor (config doc of concepts.eps_theta)
+        stats = compute_stats(reader, sae, eps=eps, radius=c.radius, top_n=c.top_n, split=c.split,
                               val_fraction=model.config.cache.val_fraction, tasks=c.tasks,
                               map_top=min(c.gallery_images, c.top_n))
         pass_s = time.perf_counter() - t0
@@ -168,7 +169,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
         meta = {"model": model.uri, "model_ref": ref, "model_run_id": model.run_id, "model_version": model.version,
                 "cache": location, "cache_key": reader.key, "split": c.split, "tokens": stats.tokens,
                 "images": stats.images, "grid": list(reader.manifest.grid), "n_concepts": sae.n_concepts,
-                "group_sizes": list(sae.group_sizes), "tau": c.tau, "eps": c.eps, "radius": c.radius,
+                "group_sizes": list(sae.group_sizes), "tau": c.tau, "eps": eps, "radius": c.radius,
                 "dense_share": c.dense_share, "dense_parents": c.dense_parents, "family_members": c.family_members,
                 "top_n": c.top_n, "naming": c.naming, "family_scale": c.family_scale,
                 "name_score": c.name_score, "csls_k": c.csls_k,

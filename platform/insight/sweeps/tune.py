@@ -204,7 +204,7 @@ def _rows(results, space_keys: list[str], total_steps_of) -> list[dict[str, Any]
             "overrides": overrides, "steps": steps, "total_steps": total_steps_of(overrides),
             "completed": steps >= total_steps_of(overrides) and res.error is None,
             "val_fvu": m.get("val_fvu"), "val_cosine": m.get("val_cosine"), "val_l0": m.get("val_l0"),
-            "fvu": m.get("fvu"), "l0": m.get("l0"),
+            "val_l0_per_k": m.get("val_l0_per_k"), "fvu": m.get("fvu"), "l0": m.get("l0"),
             "overfit": (m["val_fvu"] - m["fvu"]) if m.get("val_fvu") is not None and m.get("fvu") is not None else None,
             "error": str(res.error)[:300] if res.error else None,
         })
@@ -302,7 +302,8 @@ def sweep(cfg, resume: bool = False) -> dict[str, Any]:
     plot_pareto(rows, front, best, plot)
     table = out_dir / "trials.csv"
     buf = io.StringIO()
-    fields = ["trial_id", "label", "steps", "total_steps", "completed", "val_fvu", "val_cosine", "val_l0", "fvu",
+    fields = ["trial_id", "label", "steps", "total_steps", "completed", "val_fvu", "val_cosine", "val_l0",
+              "val_l0_per_k", "fvu",
               "overfit", "l0", "pareto", "error"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
