@@ -162,13 +162,14 @@ class GalleryPlan:
 
 
 def plan(table: ConceptTable, per_group: int, per_row: int, max_rows: int = 8) -> GalleryPlan:
-    """Which concepts get drawn: the most frequent per group, per level row and per group row."""
+    """Which concepts get drawn: the most frequent per group, per level row (alias classes) and per group row."""
     groups = sorted({c.group for c in table})
     galleries = []
     for g in groups:
         galleries += [c.id for c in table.in_group(g) if c.alive][:per_group]
     levels = sorted({c.level for c in table if c.level >= 0})[:max_rows]
-    level_rows = [(lv, [c.id for c in table.at_level(lv)][:per_row]) for lv in levels]
+    # one card per alias class: its members share the level and fire on the same patches
+    level_rows = [(lv, [c.id for c in table.at_level(lv) if c.is_representative][:per_row]) for lv in levels]
     group_rows = [(g, [c.id for c in table.in_group(g) if c.alive][:per_row]) for g in groups[:max_rows]]
     return GalleryPlan(galleries, [r for r in level_rows if r[1]], [r for r in group_rows if r[1]])
 
