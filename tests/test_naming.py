@@ -86,6 +86,16 @@ def test_distinct_labels_tell_same_named_concepts_apart():
     assert len(set(labels.values())) == len(rows)
 
 
+def test_name_spread_counts_the_most_frequent_concepts_that_fired():
+    from insight.concepts.naming import name_spread
+
+    best = ["hub", "hub", "cat", "hub", "sky", "dog"]
+    freq = np.array([0.5, 0.4, 0.3, 0.0, 0.2, 0.01])  # concept 3 never fired
+    assert name_spread(best, freq, n=50) == (4, 2)
+    assert name_spread(best, freq, n=2) == (1, 2)
+    assert name_spread(best, np.zeros(6)) == (0, 0)
+
+
 def test_visual_vocabulary_keeps_things_and_drops_the_rest():
     from insight.concepts.vocabulary import STOPWORDS, visual_words
 

@@ -156,6 +156,17 @@ def family_names(w_dec_md: np.ndarray, b_dec_d: np.ndarray, mean_csr: tuple[np.n
                          "family", score, csls_k, reference)
 
 
+def name_spread(best: list[str], frequency: np.ndarray, n: int = 50) -> tuple[int, int]:
+    """(distinct names, largest count of one name) among the ``n`` most frequent concepts that fired: the
+    figure hubness spoils (one word naming most of them)."""
+    freq = np.asarray(frequency, np.float64)
+    top = [i for i in np.argsort(-freq, kind="stable")[:n] if freq[i] > 0]
+    counts: dict[str, int] = {}
+    for i in top:
+        counts[best[i]] = counts.get(best[i], 0) + 1
+    return len(counts), max(counts.values(), default=0)
+
+
 def distinct_labels(concepts: list[tuple[int, str, list[str], float]]) -> dict[int, str]:
     """Labels a person can tell apart (module doc), by id. ``concepts``: (id, name, candidate names best first,
     frequency); among concepts with one name the more frequent pick their qualifier first."""

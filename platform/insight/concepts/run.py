@@ -105,7 +105,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
     from insight.cache import CacheReader
     from insight.concepts.galleries import draw_galleries
     from insight.concepts.hierarchy import build_hierarchy, raw_parents, sparse_rows
-    from insight.concepts.naming import decoder_names, family_names
+    from insight.concepts.naming import decoder_names, family_names, name_spread
     from insight.concepts.stats import compute_stats
     from insight.concepts.table import Relations
     from insight.concepts.tree import draw_tree_png, write_tree_html
@@ -230,6 +230,9 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             "tokens_per_s": stats.tokens / max(pass_s, 1e-9), "vocabulary": len(vocab),
             "vocabulary_source": vocab.source, "naming": c.naming,
             "names_agree": float(np.mean(names["family"].index_mk[:, 0] == names["decoder"].index_mk[:, 0])),
+            **{f"top50_{what}_{k}": v for k, n in names.items()
+               for what, v in zip(("distinct_names", "max_name_repeat"), name_spread(n.best(vocab), stats.frequency_m),
+                                  strict=True)},
             "model": model.uri, "model_run_id": model.run_id, "artifact_run_id": artifact_run,
             "artifact_path": "concepts", "cache": location, "run_id": run.info.run_id, "out": str(out),
         }
