@@ -95,6 +95,12 @@ def test_a_shard_that_goes_bad_after_the_check_is_named_from_inside_ray(damaged,
     found = cache_error_in(info.value)  # ... carries the shard-naming error
     assert isinstance(found, ShardError) and found.shard == SHARD and found.problem.endswith("checksum mismatch")
     assert found.location == str(loc)
+    # A plain Ray task (concepts mines shards in tasks): the error crosses intact.
+    bad = next(s for s in reader.manifest.shards if s.name == SHARD)
+    with pytest.raises(Exception) as info:
+        ray_local.get(ray_local.remote(lambda: reader.read_shard(bad)).remote())
+    found = cache_error_in(info.value)
+    assert isinstance(found, ShardError) and found.shard == SHARD and str(loc) in str(found)
 
 
 def test_verify_names_every_bad_shard_and_exits_cleanly_every_time(damaged, tiny_cache):
