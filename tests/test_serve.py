@@ -112,6 +112,13 @@ def test_explain_matches_the_model_in_process(served, client, image):
     raw = engine.explain_batch([view.pixels], [6])[0]
     assert [c["id"] for c in a["concepts"]] == raw.ids.tolist()
     assert np.allclose(scores, raw.scores, rtol=1e-4, atol=1e-5)
+    # fidelity: this view's FVU as training defines it, and the model's held-out figures beside it
+    from insight.sae.metrics import fvu
+
+    feats = engine.features([view.pixels]).reshape(-1, engine.sae.d_in)
+    assert a["fidelity"]["fvu"] == pytest.approx(fvu(feats, engine.sae.decode(engine.sae.encode(feats))), rel=1e-3)
+    held_out = {k: v for k, v in engine.loaded.metrics.items() if k in ("val_fvu", "val_cosine")}
+    assert held_out and {k: a["fidelity"][k] for k in held_out} == pytest.approx(held_out, abs=1e-6)
 
 
 def test_explain_json_raw_and_raw_body_agree(client, image):

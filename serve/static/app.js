@@ -91,8 +91,12 @@ async function explain() {
 async function renderConcepts() {
   const r = state.explain;
   $("explain-panel").hidden = false;
-  $("fidelity").textContent = `Concepts reconstruct the features with cosine ${fmt(r.fidelity.cosine)} ` +
-    `using ${fmt(r.fidelity.l0, 1)} active concepts per patch (grid ${r.grid.join("×")}).`;
+  const f = r.fidelity;
+  $("fidelity").textContent = `Concepts reconstruct the features with cosine ${fmt(f.cosine)} ` +
+    (f.fvu !== undefined ? `(FVU ${fmt(f.fvu)}) ` : "") +
+    `using ${fmt(f.l0, 1)} active concepts per patch (grid ${r.grid.join("×")})` +
+    (f.val_cosine !== undefined ? `; on images held out from training: cosine ${fmt(f.val_cosine)}, ` +
+      `FVU ${fmt(f.val_fvu)}.` : ".");
   drawView($("view"), null);
   const list = $("concepts");
   list.replaceChildren();
