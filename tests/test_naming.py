@@ -80,9 +80,12 @@ def test_distinct_labels_tell_same_named_concepts_apart():
         (2, "cat", ["cat"], 0.05),  # nothing left to tell it by: its id
         (3, "sky", ["sky", "cloud"], 0.2),
         (4, "cat", ["cat", "fur", "whisker", "dog"], 0.01),
+        (5, "sky", ["sky", "blue"], 0.0),  # never fired: "sky" stays with concept 3
+        (6, "cat", ["cat", "tail"], 0.0),
     ]
     labels = distinct_labels(rows)
-    assert labels == {1: "cat (fur)", 0: "cat (dog)", 2: "cat #2", 3: "sky", 4: "cat (whisker)"}
+    assert labels == {1: "cat (fur)", 0: "cat (dog)", 2: "cat #2", 3: "sky", 4: "cat (whisker)", 5: "sky #5",
+                      6: "cat #6"}
     assert len(set(labels.values())) == len(rows)
 
 

@@ -28,7 +28,8 @@ Labels. Distinct concepts may share a best name; `distinct_labels` gives each
 a label a person can tell apart: the name alone when no other concept has it,
 else ``name (qualifier)`` with the first candidate of that concept's list that
 differs from the name and from the other same-named concepts' qualifiers, and
-``name #id`` when none does.
+``name #id`` when none does. Concepts that never fired are told apart by id
+(``name #id``) and leave the bare name to a sole one that fired.
 """
 
 from __future__ import annotations
@@ -167,28 +168,33 @@ def name_spread(best: list[str], frequency: np.ndarray, n: int = 50) -> tuple[in
     return len(counts), max(counts.values(), default=0)
 
 
-def distinct_labels(concepts: list[tuple[int, str, list[str], float]]) -> dict[int, str]:
+def distinct_labels(concepts: list[tuple[int, str, list[str], float | None]]) -> dict[int, str]:
     """Labels a person can tell apart (module doc), by id. ``concepts``: (id, name, candidate names best first,
-    frequency); among concepts with one name the more frequent pick their qualifier first."""
-    concepts = sorted(concepts, key=lambda c: (-(c[3] or 0.0), c[0]))
-    by_name: dict[str, list[tuple[int, list[str]]]] = {}
-    for cid, name, cands, _ in concepts:
-        by_name.setdefault(name, []).append((cid, cands))
+    frequency); among concepts with one name the more frequent pick their qualifier first. A concept that
+    never fired (frequency 0) takes no qualifier from the ones that did: it is ``name #id`` when shared."""
+    concepts = sorted(concepts, key=lambda c: (-(c[3] if c[3] is not None else 1.0), c[0]))
+    by_name: dict[str, list[tuple[int, list[str], bool]]] = {}
+    for cid, name, cands, freq in concepts:
+        by_name.setdefault(name, []).append((cid, cands, freq is None or freq > 0))
     labels: dict[int, str] = {}
     for name, group in by_name.items():
+        fired = sum(alive for _, _, alive in group)
         if len(group) == 1:
             labels[group[0][0]] = name
             continue
         used: set[str] = set()
-        for cid, cands in group:
-            q = next((c for c in cands if c and c != name and c not in used), None)
+        for cid, cands, alive in group:
+            if alive and fired == 1:
+                labels[cid] = name  # the only one that fired keeps the bare name
+                continue
+            q = next((c for c in cands if c and c != name and c not in used), None) if alive else None
             if q is None:
                 labels[cid] = f"{name} #{cid}"
             else:
                 used.add(q)
                 labels[cid] = f"{name} ({q})"
     seen: dict[str, int] = {}
-    for cid, _, _, _ in concepts:  # a qualified label equal to another concept's label: fall back to the id
+    for cid, *_ in concepts:  # a qualified label equal to another concept's label: fall back to the id
         lab = labels[cid]
         if lab in seen:
             name = lab.split(" (")[0]

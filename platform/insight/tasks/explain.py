@@ -199,6 +199,8 @@ def reconstruction_logits(codes: PatchCodes, sae, text_cd: Tensor) -> Tensor:
 def concept_namer(model: Any) -> Callable[[int], str]:
     """Concept id -> name, from the model's concept table when it has one, else "concept <id>".
 
+    A ConceptTable gives its distinct labels (same-named concepts told apart, `ConceptTable.label`).
+
     The table (``LoadedModel.concepts``, an `insight.concepts.ConceptTable`
     written by ``insight concepts``) is looked up at run time, so tasks work
     on models that have none; it is read leniently: any iterable of rows with
@@ -230,6 +232,8 @@ def _row_name(row: Any) -> str | None:
 
 
 def _names_from_table(table: Any) -> dict[int, str]:
+    if callable(getattr(table, "label", None)) and hasattr(table, "concepts"):  # a ConceptTable: distinct labels
+        return {int(c.id): table.label(c.id) for c in table.concepts if c.name}
     if hasattr(table, "columns") and "name" in getattr(table, "columns", []):  # a DataFrame
         ids = table["id"].tolist() if "id" in table.columns else list(range(len(table)))
         return {int(i): str(n) for i, n in zip(ids, table["name"].tolist(), strict=True) if n}
