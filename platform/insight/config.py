@@ -37,15 +37,30 @@ DEFAULT_TEMPLATES = (
 TEMPLATE_SETS = ("default", "imagenet80")
 
 
+def _openclip_imagenet_templates():
+    """open_clip's template list, read from its plain-data module without importing the package:
+    ``import open_clip`` pulls in torch and timm (about 25 s on a busy machine), and a config load
+    must stay cheap."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("backbone.templates=imagenet80 needs open_clip_torch installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "zero_shot_metadata.py"
+    module_spec = importlib.util.spec_from_file_location("_insight_openclip_zero_shot_metadata", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.OPENAI_IMAGENET_TEMPLATES
+
+
 def template_set(name: str) -> list[str]:
     """A named prompt-template set: default (the eight above) or imagenet80 (CLIP's 80 ImageNet templates,
     the reference setting, as open_clip ships them)."""
     if name == "default":
         return list(DEFAULT_TEMPLATES)
     if name == "imagenet80":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+        return [t("{}") for t in _openclip_imagenet_templates()]
     raise ValueError(f"unknown template set {name!r}; use one of {', '.join(TEMPLATE_SETS)} or a list of templates")
 
 
