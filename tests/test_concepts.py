@@ -209,6 +209,39 @@ def test_cofiring_block_is_one_alias_class_from_the_real_pass(tmp_path):
     assert with_dense.parents[9] == [8] and with_dense.level[9] == 1
 
 
+def test_rare_concepts_stay_out_of_the_tree_from_the_real_pass(tmp_path):
+    """Codes made here, relations by the streaming pass: 0 covers the top half of every image, 1 a corner of
+    it; 2 and 3 fire together on 3 patches of one image inside 1 (aliases under 1 if 3 tokens counted)."""
+    from insight.cache import CacheReader
+    from insight.cache.importer import import_features
+    from insight.concepts.hierarchy import Hierarchy, build_hierarchy, raw_parents
+    from insight.concepts.stats import partial_stats
+
+    grids = np.zeros((20, 8, 8, 4), np.float32)
+    grids[:, 0:4, :, 0] = 1.5
+    grids[:, 0:2, 0:4, 1] = 1.5
+    for y, x in ((0, 0), (0, 1), (1, 0)):
+        grids[0, y, x, 2:4] = 1.5
+    np.save(tmp_path / "g.npy", grids)
+    reader = CacheReader(import_features(str(tmp_path / "g.npy"), str(tmp_path / "c"), shard_images=10)["cache"])
+    stats = partial_stats(reader, range(len(reader.manifest.shards)), _identity_sae(4, threshold=0.25), eps=1e-3,
+                          radius=0, top_n=5)
+    assert stats.count_m.tolist() == [640, 160, 3, 3]
+    parents_all = raw_parents(stats, 0.75)
+    every = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens)
+    assert every.members(2) == [2, 3] and every.parents[2] == [1] and every.levels == 3  # 3 tokens deepen it
+    h = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens, min_support=10)
+    assert h.rare.tolist() == [False, False, True, True] and h.members(2) == [2] and h.members(3) == [3]
+    assert h.parents[2] == h.parents[3] == [] and h.level.tolist() == [0, 1, -1, -1] and h.levels == 2
+    assert h.children[1] == [] and h.roots == [0] and h.rare_edges_dropped == 6
+    assert dict(parents_all[2]) == {0: 1.0, 1: 1.0, 3: 1.0}  # the relations themselves stay
+    assert h.family[2] == [(0, 1.0), (1, 1.0)]  # family naming: its relations, no rare concept
+    doc = json.loads(json.dumps(h.to_json()))
+    assert doc["rare"] == [2, 3] and doc["min_support"] == 10 and [c["id"] for c in doc["classes"]] == [0, 1]
+    back = Hierarchy.from_json(doc)
+    assert back.rare.tolist() == h.rare.tolist() and back.roots == [0] and back.levels == 2
+
+
 # ------------------------------------------------------------------ the streaming pass
 
 

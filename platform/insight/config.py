@@ -449,6 +449,12 @@ class ConceptsConfig(Section):
         description="Concepts active on more than this share of tokens are tagged dense and are nobody's parent.",
     )
     dense_parents: bool = Field(False, description="Let dense concepts be parents (and family members) all the same.")
+    min_support: int = Field(
+        25, ge=0,
+        description="Concepts that fired on fewer tokens than this are rare: Dn[i,j] estimated from so few of i's"
+        " tokens is noise (standard error up to 0.5/sqrt(n), 0.1 at 25), so they take no part in the hierarchy"
+        " (no parent, no child, no alias class; level -1) and are tagged rare. 0: every concept that fired.",
+    )
     family_members: Literal["parents", "relations"] = Field(
         "parents",
         description="Family naming decodes a concept with its one-way, non-dense parents (parents) or with every j"

@@ -32,9 +32,18 @@ every j != i with Dn[i,j] > tau ("wherever i fires, j fires too": j covers i).
    would claim k contains i where the data says it does not. So every
    ancestor of a concept covers it (Dn > tau for some pair of members): a
    path root > ... > concept reads true at every step.
-5. **Levels** are computed on classes: 0 for root classes, else 1 + the
+5. **Rare concepts.** Dn[i,j] is a share of i's firing tokens, so with n of
+   them its standard error is up to 0.5/sqrt(n): 0.1 at n = 25, where a true
+   0.55 passes tau = 0.75 by chance. A concept that fired on fewer than
+   ``min_support`` tokens (of the pass's split) is *rare*: no relation from
+   or to it is used for the tree, so it joins no alias class, is nobody's
+   parent and hangs under nobody (its raw relations stay in ``parents_all``;
+   family naming still decodes it with them, but never with a rare one).
+   Measured on the quickstart champion, the deepest chains ran through such
+   concepts (9 levels with every concept, 8 counting those with >= 20 tokens).
+6. **Levels** are computed on classes: 0 for root classes, else 1 + the
    largest parent level, the longest chain of strict one-way coverings.
-   -1 for concepts that never fired (they take no part).
+   -1 for concepts outside the tree: those that never fired and rare ones.
 
 Per concept, `Hierarchy` gives its class's facts: ``parents`` and
 ``children`` are representatives of the nearest parent/child classes,
@@ -56,17 +65,20 @@ the one pair of functions that knows the layout)::
     with_parents         concepts (any member of a class) that have a parent
     dense_share, dense_parents   the dense rule's settings
     dense                ids of dense concepts
+    min_support          the rare rule's setting (firing tokens)
+    rare                 ids of rare concepts (fired, but on fewer than min_support tokens; level -1)
+    rare_edges_dropped   raw relations from or to a rare concept, unused
     alias_classes        number of classes with more than one member
     alias_edges          raw relations inside a class (not parent edges)
     dense_edges_dropped  raw cross-class relations into a dense class, unused
     shortcuts_dropped    class edges removed by the transitive reduction
     uncovered_dropped    class edges not used: the parent has an ancestor that does not cover the child
-    classes              one object per class of concepts that fired:
+    classes              one object per class of concepts in the tree (fired, not rare):
                          {id (the representative), members (most frequent
                          first), level, parents, children (representatives),
                          dense}
     nodes                one object per concept: {id, level, alive,
-                         alias_class (its representative), dense, parents,
+                         alias_class (its representative), dense, rare, parents,
                          children, parents_all ([j, Dn[i,j]] raw, strongest
                          first), name?, frequency?}
 """
@@ -137,8 +149,13 @@ class Hierarchy:
     shortcuts_dropped: int = 0
     uncovered_dropped: int = 0
     _members: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    rare: np.ndarray | None = None  # bool (M,): fired on fewer than min_support tokens, outside the tree
+    min_support: int = 0
+    rare_edges_dropped: int = 0
 
     def __post_init__(self) -> None:
+        if self.rare is None:
+            self.rare = np.zeros(self.n_concepts, bool)
         if not self._members:
             members: dict[int, list[int]] = {}
             for i in range(self.n_concepts):
@@ -166,7 +183,7 @@ class Hierarchy:
     @property
     def roots(self) -> list[int]:
         """Representatives of the root classes."""
-        return [i for i in range(self.n_concepts) if self.alive[i] and not self.parents[i]
+        return [i for i in range(self.n_concepts) if self.alive[i] and not self.rare[i] and not self.parents[i]
                 and self.alias_class[i] == i]
 
     @property
@@ -184,12 +201,14 @@ class Hierarchy:
 
     @property
     def family(self) -> list[list[tuple[int, float]]]:
-        """Per concept, the relations family naming decodes with it: one-way parents, not dense (module doc)."""
+        """Per concept, the relations family naming decodes with it: one-way parents, not dense, not rare
+        (module doc)."""
         dense = self.dense_class
         out = []
         for i, ps in enumerate(self.parents_all):
             a = self.alias_class[i]
-            out.append([(j, s) for j, s in ps if self.alias_class[j] != a and (self.dense_parents or not dense[j])])
+            out.append([(j, s) for j, s in ps if self.alias_class[j] != a and not self.rare[j]
+                        and (self.dense_parents or not dense[j])])
         return out
 
     def to_json(self, names: list[str] | None = None, frequency: np.ndarray | None = None) -> dict[str, Any]:
@@ -197,11 +216,12 @@ class Hierarchy:
         dense = self.dense_class
         classes = [{"id": rep, "members": ms, "level": int(self.level[rep]), "parents": self.parents[rep],
                     "children": self.children[rep], "dense": bool(dense[rep])}
-                   for rep, ms in sorted(self._members.items()) if self.alive[rep]]
+                   for rep, ms in sorted(self._members.items()) if self.alive[rep] and not self.rare[rep]]
         nodes = []
         for i in range(self.n_concepts):
             node: dict[str, Any] = {"id": i, "level": int(self.level[i]), "alive": bool(self.alive[i]),
                                     "alias_class": int(self.alias_class[i]), "dense": bool(self.dense[i]),
+                                    "rare": bool(self.rare[i]),
                                     "parents": self.parents[i], "children": self.children[i],
                                     "parents_all": [[j, round(s, 6)] for j, s in self.parents_all[i]]}
             if names is not None:
@@ -211,7 +231,9 @@ class Hierarchy:
             nodes.append(node)
         return {"format": FORMAT, "levels": self.levels, "roots": self.roots, "with_parents": self.with_parents,
                 "dense_share": self.dense_share, "dense_parents": self.dense_parents,
-                "dense": [int(i) for i in np.nonzero(self.dense)[0]], "alias_classes": self.n_alias_classes,
+                "dense": [int(i) for i in np.nonzero(self.dense)[0]], "min_support": self.min_support,
+                "rare": [int(i) for i in np.nonzero(self.rare)[0]], "rare_edges_dropped": self.rare_edges_dropped,
+                "alias_classes": self.n_alias_classes,
                 "alias_edges": self.alias_edges, "dense_edges_dropped": self.dense_edges_dropped,
                 "shortcuts_dropped": self.shortcuts_dropped, "uncovered_dropped": self.uncovered_dropped,
                 "classes": classes, "nodes": nodes}
@@ -233,7 +255,9 @@ class Hierarchy:
                    np.array([int(n["alias_class"]) for n in nodes], np.int64),
                    np.array([bool(n["dense"]) for n in nodes], bool), float(doc["dense_share"]),
                    bool(doc["dense_parents"]), int(doc["alias_edges"]), int(doc["dense_edges_dropped"]),
-                   int(doc["shortcuts_dropped"]), int(doc["uncovered_dropped"]), members)
+                   int(doc["shortcuts_dropped"]), int(doc["uncovered_dropped"]), members,
+                   np.array([bool(n.get("rare", False)) for n in nodes], bool), int(doc.get("min_support", 0)),
+                   int(doc.get("rare_edges_dropped", 0)))
 
     @classmethod
     def load(cls, path: Any) -> Hierarchy:
@@ -302,13 +326,15 @@ def dense_mask(count: np.ndarray, tokens: int, dense_share: float) -> np.ndarray
 
 
 def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarray, *, tokens: int = 0,
-                    dense_share: float = 1.0, dense_parents: bool = False) -> Hierarchy:
+                    dense_share: float = 1.0, dense_parents: bool = False, min_support: int = 0) -> Hierarchy:
     """Raw relations + firing counts (of ``tokens`` tokens) -> alias classes and their DAG (see the module doc)."""
     m = len(parents_all)
     count = np.asarray(count)
     alive = count > 0
+    rare = alive & (count < min_support)
+    placed = alive & ~rare  # concepts whose relations the tree uses
     dense = dense_mask(count, tokens, dense_share)
-    edges = [[j for j, _ in ps if j != i and alive[i] and alive[j]] for i, ps in enumerate(parents_all)]
+    edges = [[j for j, _ in ps if j != i and placed[i] and placed[j]] for i, ps in enumerate(parents_all)]
     comp = _sccs(m, edges)
     by_comp: dict[int, list[int]] = {}
     for i in range(m):
@@ -325,13 +351,16 @@ def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarra
 
     # class edges a -> b (b a parent of a), with the strongest raw relation between the two classes
     strength: dict[int, dict[int, float]] = {}
-    alias_edges = dense_dropped = 0
+    alias_edges = dense_dropped = rare_dropped = 0
     for i in range(m):
         if not alive[i]:
             continue
         a = int(rep[i])
         for j, s in parents_all[i]:
             if j == i or not alive[j]:
+                continue
+            if rare[i] or rare[j]:
+                rare_dropped += 1
                 continue
             b = int(rep[j])
             if a == b:
@@ -382,7 +411,7 @@ def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarra
                 cls_parents[v].append(p)
                 acc |= ancestors[p] | (1 << p)
         ancestors[v] = acc
-        cls_level[v] = 1 + max((cls_level[p] for p in cls_parents[v]), default=-1) if alive[v] else -1
+        cls_level[v] = 1 + max((cls_level[p] for p in cls_parents[v]), default=-1) if placed[v] else -1
     cls_children: dict[int, list[int]] = {a: [] for a in reps}
     for v in reps:
         cls_parents[v].sort(key=lambda p, v=v: (-strength[v][p], p))
@@ -394,4 +423,4 @@ def build_hierarchy(parents_all: list[list[tuple[int, float]]], count: np.ndarra
     children = [list(cls_children[int(rep[i])]) for i in range(m)]
     return Hierarchy(m, alive, parents_all, parents, children, level, rep.astype(np.int64), dense,
                      float(dense_share), bool(dense_parents), alias_edges, dense_dropped, shortcuts, uncovered,
-                     members)
+                     members, rare, int(min_support), rare_dropped)

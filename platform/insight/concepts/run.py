@@ -147,7 +147,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
         t1 = time.perf_counter()
         parents_all = raw_parents(stats, c.tau)
         hier = build_hierarchy(parents_all, stats.count_m, tokens=stats.tokens, dense_share=c.dense_share,
-                               dense_parents=c.dense_parents)
+                               dense_parents=c.dense_parents, min_support=c.min_support)
         family = hier.family if c.family_members == "parents" else parents_all  # Dthr of family naming
         timings["hierarchy"] = time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -170,7 +170,8 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
                 "cache": location, "cache_key": reader.key, "split": c.split, "tokens": stats.tokens,
                 "images": stats.images, "grid": list(reader.manifest.grid), "n_concepts": sae.n_concepts,
                 "group_sizes": list(sae.group_sizes), "tau": c.tau, "eps": eps, "radius": c.radius,
-                "dense_share": c.dense_share, "dense_parents": c.dense_parents, "family_members": c.family_members,
+                "dense_share": c.dense_share, "dense_parents": c.dense_parents, "min_support": c.min_support,
+                "family_members": c.family_members,
                 "top_n": c.top_n, "naming": c.naming, "family_scale": c.family_scale,
                 "name_score": c.name_score, "csls_k": c.csls_k,
                 "vocabulary": {"source": vocab.source, "kind": c.vocabulary if vocab.source != "cache" else "cache",
@@ -225,7 +226,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             "contact_sheet": str(out / "galleries" / "contact_levels.png") if gal["contact_levels"] else None,
             "concepts": sae.n_concepts, "alive": int(hier.alive.sum()), "with_parents": hier.with_parents,
             "roots": len(hier.roots), "levels": levels, "alias_classes": hier.n_alias_classes,
-            "dense": int(hier.dense.sum()),
+            "dense": int(hier.dense.sum()), "rare": int(hier.rare.sum()),
             "tokens": stats.tokens, "images": stats.images, "pass_s": pass_s,
             "tokens_per_s": stats.tokens / max(pass_s, 1e-9), "vocabulary": len(vocab),
             "vocabulary_source": vocab.source, "naming": c.naming,
