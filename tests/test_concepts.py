@@ -485,3 +485,8 @@ def test_concepts_cli_end_to_end(tiny_cache, tmp_path):
     top = max(table, key=lambda c: c.frequency)
     assert table.by_name(top.name) and top in table.in_group(top.group) and top in table.at_level(top.level)
     assert top.top_patches and 0 <= top.top_patches[0].row < 7
+    # the interactive tree shows the table's distinct labels, and rare concepts (if any) sit outside it
+    data = json.loads(html.split("id='data'>", 1)[1].split("</script>", 1)[0])
+    assert data["nodes"] and all(n["n"] == table.label(n["i"]).removesuffix(f" #{n['i']}") for n in data["nodes"])
+    rare = {c.id for c in table if 0 < c.count < table.meta["min_support"]}
+    assert out["rare"] == len(rare) and not rare & set(data["roots"]) and all(table[i].level == -1 for i in rare)

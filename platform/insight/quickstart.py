@@ -214,6 +214,9 @@ def _write(cfg, ex, sw, co, ev, served, work: Path, write_report, Section, Figur
         figures=([Figure(Path(hier), "Top of the concept hierarchy")] if hier else [])
         + [Figure(p, p.stem.replace("_", " ")) for p in gal_figs],
         table=table_rows))
+    hier_text, hier_rows = _hierarchy_summary(co)
+    if hier_text:
+        sections.append(Section("Concept hierarchy: alias classes", hier_text, table=hier_rows))
     pics = [Path(p) for p in ev.get("pictures", [])][:6]
     per_image = _per_image_rows(ev)
     sections.append(Section(
@@ -316,6 +319,34 @@ def _csv_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return list(csv.DictReader(path.open()))
+
+
+def _hierarchy_summary(co: dict[str, Any], n: int = 10) -> tuple[str, list[dict[str, Any]]]:
+    """Depth, alias classes, dense and rare concepts, and the biggest classes with their members' labels."""
+    if not co.get("hierarchy") or not co.get("table"):
+        return "", []
+    from insight.concepts.hierarchy import Hierarchy
+    from insight.concepts.table import ConceptTable
+
+    try:
+        h = Hierarchy.load(co["hierarchy"])
+        table = ConceptTable.load(co["table"])
+    except (OSError, ValueError):
+        return "", []
+    placed = h.alive & ~h.rare
+    classes = sorted(((rep, ms) for rep, ms in h.classes.items() if len(ms) > 1 and placed[rep]),
+                     key=lambda x: (-len(x[1]), -table[x[0]].frequency, x[0]))
+    text = (f"{h.levels} levels over {sum(1 for r in h.classes if placed[r])} classes of concepts. Concepts that "
+            f"cover each other (Dn > tau = {table.meta.get('tau')} both ways) fire on the same tokens and are one "
+            f"alias class, not a parent and a child: {h.n_alias_classes} classes have more than one member. "
+            f"{int(h.dense.sum())} concepts are dense (active on more than {h.dense_share:g} of the tokens; "
+            f"nobody's parent) and {int(h.rare.sum())} are rare (fired on fewer than {h.min_support} tokens, too "
+            "few to estimate a relation; outside the tree). The biggest alias classes, representative first:")
+    rows = [{"class": rep, "members": len(ms), "level": int(h.level[rep]),
+             "frequency": round(table[rep].frequency, 4),
+             "member labels": ", ".join(table.label(i) for i in ms[:8]) + (", ..." if len(ms) > 8 else ""),
+             "parents": ", ".join(table.label(p) for p in h.parents[rep][:3])} for rep, ms in classes[:n]]
+    return text, rows
 
 
 def _concept_rows(table_path: str | None, n: int = 25) -> list[dict[str, Any]]:

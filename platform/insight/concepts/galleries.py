@@ -154,6 +154,12 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "\u2026"
 
 
+def _card_label(table: ConceptTable, cid: int) -> str:
+    """``#id`` then the distinct label (`ConceptTable.label`), so a cut-short card still tells concepts apart."""
+    label = table.label(cid)
+    return f"#{cid} " + (label[: -len(f" #{cid}")] if label.endswith(f" #{cid}") else label)
+
+
 @dataclass
 class GalleryPlan:
     galleries: list[int]  # concepts with their own PNG
@@ -211,8 +217,8 @@ def draw_galleries(table: ConceptTable, top_map: Callable[[int, int], np.ndarray
         rows = (n + cols - 1) // cols
         sheet = Image.new("RGB", (cols * PANEL + (cols + 1) * 6, TITLE + rows * (PANEL + CAPTION) + 6), "white")
         draw = ImageDraw.Draw(sheet)
-        parents = ", ".join(table[q].name for q in c.parents[:3]) or "none (root)"
-        draw.text((6, 4), _short(f"#{c.id} {c.name}  (group {c.group}, level {c.level}, "
+        parents = ", ".join(table.label(q) for q in c.parents[:3]) or "none (root)"
+        draw.text((6, 4), _short(f"#{c.id} {table.label(c.id)}  (group {c.group}, level {c.level}, "
                                  f"{100 * c.frequency:.3f}% of patches, by {c.naming})", 90), fill="black", font=font)
         draw.text((6, 22), _short(f"parents: {parents};  candidates: "
                                   + ", ".join(f"{x.name} {x.score:.2f}" for x in c.candidates), 110),
@@ -245,7 +251,7 @@ def draw_galleries(table: ConceptTable, top_map: Callable[[int, int], np.ndarray
                 im, _ = cell_image(c, 0)
                 x = label_w + k * (PANEL + 6)
                 sheet.paste(im, (x, y))
-                draw.text((x, y + PANEL + 2), _short(f"{c.name} #{c.id}", 26), fill="black", font=small)
+                draw.text((x, y + PANEL + 2), _short(_card_label(table, c.id), 26), fill="black", font=small)
                 draw.text((x, y + PANEL + 14), f"{100 * c.frequency:.2f}%", fill=(90, 90, 90), font=small)
         return str(_save_png(sheet, path))
 

@@ -4,7 +4,7 @@ Row schema (Parquet types; the JSON file holds the same rows as objects):
 
     id                  int32   concept index (decoder row)
     group               int16   Matryoshka group of the concept (0 = the coarsest prefix)
-    level               int16   depth in the concept DAG: 0 = root, -1 = never fired
+    level               int16   depth in the concept DAG: 0 = root, -1 = outside it (never fired, or rare)
     name                string  final name (by the method in `naming`)
     naming              string  "family" or "decoder": the method that named it
     candidates          list<struct<name: string, score: float32>>  top names of that method, best first
@@ -202,7 +202,7 @@ class ConceptTable:
         return sorted(hits, key=lambda c: -c.frequency)
 
     def at_level(self, level: int) -> list[Concept]:
-        """Concepts at a DAG depth (0 = roots, -1 = never fired), most frequent first."""
+        """Concepts at a DAG depth (0 = roots, -1 = never fired or rare), most frequent first."""
         return sorted((c for c in self.concepts if c.level == level), key=lambda c: -c.frequency)
 
     def in_group(self, group: int) -> list[Concept]:

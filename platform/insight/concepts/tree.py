@@ -2,7 +2,10 @@
 
 Nodes are alias classes (`insight.concepts.hierarchy`): one node per class,
 shown by its representative, with its other members listed on it ("= name
-#id, ..."); a dense class is tagged. The DAG is drawn as a tree by hanging
+#id, ..."); a dense class is tagged. Concepts are shown by their distinct
+labels (`ConceptTable.label`: two concepts named alike are told apart). Rare
+concepts (fewer firing tokens than ``concepts.min_support``) are outside the
+tree: the HTML search finds them and says so. The DAG is drawn as a tree by hanging
 every class under its primary parent (the first of its nearest parents:
 strongest Dn); other parents are listed on the node ("also under ..."). The HTML page is self-contained (inline CSS, JS
 and data; no network): nodes collapse and expand, children are built on first
@@ -34,10 +37,21 @@ def tree_children(table: ConceptTable) -> dict[int, list[int]]:
     return kids
 
 
-def _label(c: Concept) -> str:
-    """Representative name and id, how many aliases share the node, and a dense tag."""
+def _name(table: ConceptTable, cid: int) -> str:
+    """The concept's distinct label without a trailing ``#id`` (the pictures show the id beside it)."""
+    label = table.label(cid)
+    return label[: -len(f" #{cid}")] if label.endswith(f" #{cid}") else label
+
+
+def is_rare(table: ConceptTable, c: Concept) -> bool:
+    """Fired, but on fewer tokens than the table's ``min_support``: outside the tree (`insight.concepts.hierarchy`)."""
+    return 0 < c.count < int(table.meta.get("min_support") or 0)
+
+
+def _label(table: ConceptTable, c: Concept) -> str:
+    """Representative label and id, how many aliases share the node, and a dense tag."""
     extra = f" (+{len(c.aliases)} alias{'es' if len(c.aliases) > 1 else ''})" if c.aliases else ""
-    return f"{c.name} #{c.id}{extra}" + (" [dense]" if c.dense else "")
+    return f"{_name(table, c.id)} #{c.id}{extra}" + (" [dense]" if c.dense else "")
 
 
 def draw_tree_png(table: ConceptTable, path: str | os.PathLike[str], roots: int = 12, depth: int = 3,
@@ -81,7 +95,7 @@ def draw_tree_png(table: ConceptTable, path: str | os.PathLike[str], roots: int 
             y = sum(ys) / len(ys)
         pos[node] = (d, y)
         c = table[node]
-        labels[node] = (_label(c) + (f"  (+{hidden} below)" if hidden > 0 and not shown else ""), c.group)
+        labels[node] = (_label(table, c) + (f"  (+{hidden} below)" if hidden > 0 and not shown else ""), c.group)
         return y
 
     for r in top:
@@ -187,7 +201,7 @@ q.oninput = () => {
   D.nodes.forEach(n => [n].concat(n.a).forEach(x => { if (match(x)) found.push([x, n]); }));
   found.sort((a, b) => b[0].f - a[0].f);
   if (!found.length){ hits.appendChild(el('div', null, 'no concept matches')); return; }
-  found.slice(0, 60).forEach(([x, n]) => { const d = el('div', null, x.n + ' #' + x.i + (x.i !== n.i ? ' (alias of ' + n.n + ' #' + n.i + ')' : '') + '  (level ' + n.l + ', ' + (100 * x.f).toFixed(3) + '%)  ' + x.k); d.onclick = () => reveal(n.i); hits.appendChild(d); });
+  found.slice(0, 60).forEach(([x, n]) => { const d = el('div', null, x.n + ' #' + x.i + (x.i !== n.i ? ' (alias of ' + n.n + ' #' + n.i + ')' : '') + (n.r ? '  (rare: outside the tree' : '  (level ' + n.l) + ', ' + (100 * x.f).toFixed(3) + '%)  ' + x.k); d.onclick = () => reveal(n.i); hits.appendChild(d); });
 };
 document.getElementById('expand').onclick = () => { D.roots.forEach(function walk(id){ expand(id); N[id].c.forEach(walk); }); };
 document.getElementById('collapse').onclick = () => Object.keys(built).forEach(collapse);
@@ -203,17 +217,20 @@ def write_tree_html(table: ConceptTable, path: str | os.PathLike[str], title: st
     def cands(c: Concept) -> str:
         return ", ".join(f"{x.name} {x.score:.2f}" for x in c.candidates)
 
-    nodes = [{"i": c.id, "n": c.name, "f": c.frequency, "l": c.level, "g": c.group, "p": c.parents,
-              "c": kids[c.id], "k": cands(c), "d": c.dense,
-              "a": [{"i": a, "n": table[a].name, "f": table[a].frequency, "k": cands(table[a])} for a in c.aliases]}
+    nodes = [{"i": c.id, "n": _name(table, c.id), "f": c.frequency, "l": c.level, "g": c.group, "p": c.parents,
+              "c": kids[c.id], "k": cands(c), "d": c.dense, "r": is_rare(table, c),
+              "a": [{"i": a, "n": _name(table, a), "f": table[a].frequency, "k": cands(table[a])} for a in c.aliases]}
              for c in reps]
-    roots = [c.id for c in sorted(reps, key=lambda c: (-c.frequency, c.id)) if not c.parents]
+    rare = sum(is_rare(table, c) for c in alive)
+    roots = [c.id for c in sorted(reps, key=lambda c: (-c.frequency, c.id)) if not c.parents and c.level >= 0]
     data = json.dumps({"nodes": nodes, "roots": roots}, separators=(",", ":")).replace("</", "<\\/")
     dead = len(table) - len(alive)
     meta = html.escape(f"{len(alive)} concepts that fired ({dead} never fired) in {len(reps)} alias classes "
                        f"({table.n_alias_classes} with more than one member), {len(roots)} root classes, "
                        f"{table.with_parents} concepts with a parent, {sum(c.dense for c in alive)} dense "
-                       f"(active on more than {table.meta.get('dense_share')} of patches); tau={table.meta.get('tau')}, "
+                       f"(active on more than {table.meta.get('dense_share')} of patches), {rare} rare "
+                       f"(fewer than {table.meta.get('min_support')} firing tokens: outside the tree); "
+                       f"tau={table.meta.get('tau')}, "
                        f"radius={table.meta.get('radius')}, named by {table.meta.get('naming')}; "
                        f"model {table.meta.get('model', '?')}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
