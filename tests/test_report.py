@@ -21,7 +21,7 @@ def _report(tmp_path: Path) -> Path:
     sections = [
         Section("Sweep", "four trials", figures=[Figure(_png(tmp_path / "a.png", 0), "Pareto <front>")],
                 table=[{"trial": "k=8", "val_fvu": 0.31234, "pareto": True},
-                       {"trial": "k=4", "val_fvu": "0.5570743076062101", "tokens": 29400.0}]),
+                       {"trial": "k=4", "val_fvu": "0.5570743076062101", "tokens": 29400.0, "pareto": None}]),
         Section("Concepts", figures=[Figure(tmp_path / "missing.png", "not drawn")], code="insight concepts"),
     ]
     return write_report(tmp_path / "out" / "report.html", "Test report", "summary & more", sections,
@@ -34,6 +34,7 @@ def test_report_is_self_contained(tmp_path):
     assert "Pareto &lt;front&gt;" in html and "summary &amp; more" in html  # escaped
     assert "missing: " in html and "<td>0.312</td>" in html and "0.31234" not in html  # rounded for reading
     assert "<td>0.557</td>" in html and "<td>29,400</td>" in html  # numbers read from CSV text, thousands
+    assert "None" not in html  # a missing value is a dash
     assert "http://" not in html and "https://" not in html  # nothing fetched from the network
     assert not list((tmp_path / "out").glob(".*.tmp"))
 

@@ -147,12 +147,19 @@ def _fidelity_rows(cfg, sw, ev, served) -> list[dict[str, Any]]:
              "per-patch cosine": sw.get("best_val_cosine"), "FVU": sw.get("best_val_fvu"), "L0": sw.get("best_val_l0")},
             {"measured on": "training batches (BatchTopK, last step)", "per-patch cosine": None,
              "FVU": sw.get("best_train_fvu"), "L0": None}]
+    def seen(ids: list[str]) -> str:
+        trained = [i for i in ids if i not in held]
+        return "held out" if not trained else "trained on" if len(trained) == len(ids) else "partly trained on"
+
     if ev.get("recon_cosine") is not None:
-        rows.append({"measured on": f"the {ev.get('segmentation_images')} evaluated photos, sliding windows",
+        evaluated = [str(r["image"]) for r in _per_image_rows(ev)]
+        rows.append({"measured on": f"the {ev.get('segmentation_images')} evaluated photos ({seen(evaluated)}), "
+                                    "sliding windows",
                      "per-patch cosine": ev.get("recon_cosine"), "FVU": ev.get("recon_fvu"), "L0": ev.get("l0")})
     fid = served.get("response", {}).get("fidelity") or {}
     if fid:
-        rows.append({"measured on": f"served view of {Path(served['image']).name}",
+        rows.append({"measured on": f"served view of {Path(served['image']).name} "
+                                    f"({seen([Path(served['image']).stem])})",
                      "per-patch cosine": fid.get("cosine"), "FVU": fid.get("fvu"), "L0": fid.get("l0")})
     return rows
 
@@ -161,7 +168,7 @@ def _evaluation_text(ev: dict[str, Any], images: list[str], held: list[str]) -> 
     """What the ratio is measured on, and the figures that explain it."""
     def f(key: str) -> str:
         v = ev.get(key)
-        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+        return "n/a" if v is None else (f"{v:.1f}" if key == "l0" else f"{v:.3f}") if isinstance(v, float) else str(v)
 
     seen = [i for i in images if i not in held]
     split = ("all held out from SAE training" if not seen else "all among the SAE's training images"

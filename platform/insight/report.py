@@ -52,6 +52,8 @@ def number(v: float) -> str:
 
 def _fmt(v: Any) -> str:
     """One table cell; floats (and decimal numbers read from CSV files as text) are rounded for reading."""
+    if v is None:
+        return "–"
     if isinstance(v, float):
         return number(v)
     if isinstance(v, str) and "." in v and _NUMBER.fullmatch(v.strip()):
