@@ -39,8 +39,9 @@ every j != i with Dn[i,j] > tau ("wherever i fires, j fires too": j covers i).
    or to it is used for the tree, so it joins no alias class, is nobody's
    parent and hangs under nobody (its raw relations stay in ``parents_all``;
    family naming still decodes it with them, but never with a rare one).
-   Measured on the quickstart champion, the deepest chains ran through such
-   concepts (9 levels with every concept, 8 counting those with >= 20 tokens).
+   On the quickstart champion (2,000 concepts, 22,344 tokens) the deepest
+   chains ran through such concepts: 9 levels with every concept that fired,
+   8 at min_support 25 (749 rare), 6 at 50.
 6. **Levels** are computed on classes: 0 for root classes, else 1 + the
    largest parent level, the longest chain of strict one-way coverings.
    -1 for concepts outside the tree: those that never fired and rare ones.

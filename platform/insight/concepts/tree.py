@@ -121,9 +121,11 @@ def draw_tree_png(table: ConceptTable, path: str | os.PathLike[str], roots: int 
     ax.set_ylim(n_rows, -1)
     ax.axis("off")
     n_roots = sum(1 for c in table.roots() if c.is_representative)
-    ax.set_title(f"Concept hierarchy: top {len(top)} of {n_roots} root classes by frequency, {depth} levels "
-                 f"({table.with_parents} of {len(table)} concepts have a parent; {table.n_alias_classes} alias "
-                 "classes)", fontsize=10, loc="left")
+    levels = 1 + max((c.level for c in table), default=-1)
+    rare = sum(is_rare(table, c) for c in table)
+    ax.set_title(f"Concept hierarchy: top {len(top)} of {n_roots} root classes by frequency, {depth} of {levels} "
+                 f"levels drawn ({table.with_parents} of {len(table)} concepts have a parent; "
+                 f"{table.n_alias_classes} alias classes; {rare} rare, outside the tree)", fontsize=10, loc="left")
     if groups:
         ax.legend(loc="upper right", fontsize=7, frameon=False, title="Matryoshka", title_fontsize=7)
     if not top:
