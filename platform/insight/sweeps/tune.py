@@ -287,6 +287,11 @@ def sweep(cfg, resume: bool = False) -> dict[str, Any]:
                                       failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures)),
         )
     results = tuner.fit()
+    # Every trial has ended now. A trial whose own "ended" call found no MLflow server (restarted,
+    # unreachable) or whose process Tune killed left its child run RUNNING: end it here.
+    for stale in client.search_runs([experiment_id], max_results=1000, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'")):
+        client.set_terminated(stale.info.run_id, "KILLED")
     keys = list(cfg.sweep.space)
     rows = _rows(results, keys, total_steps_of)
     if not rows:
