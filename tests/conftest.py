@@ -10,12 +10,28 @@ offline_env()
 os.environ.setdefault("INSIGHT_LOG", "WARNING")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that start `insight serve` on the session's Ray (tests/test_serve_cli.py) run after every test
+    that uses the shared Serve instance (tests/serving.py `served`), which is shut down by then: a Ray
+    cluster holds one Serve, so the CLI would otherwise find its HTTP proxy up on another port and take
+    over its app (and API key)."""
+    uses = [n for n, it in enumerate(items) if "served" in getattr(it, "fixturenames", ())]
+    if not uses:
+        return
+    moving = [it for it in items[: uses[-1]] if it.path.name == "test_serve_cli.py"]
+    if moving:
+        rest = [it for it in items if it not in moving]
+        last = rest.index(items[uses[-1]])
+        items[:] = rest[: last + 1] + moving + rest[last + 1 :]
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +77,47 @@ def tiny_cache(tmp_path_factory, ray_local):
     cfg = load_config(TINY, [f"workdir={work}"])
     result = extract(cfg, progress=False)
     return cfg, result
+
+
+# The tiny profile's grid over two Matryoshka settings: four real trials, well past
+# sae.threshold_start_step (learned inference thresholds) and long enough that the champion's concepts
+# have parents (24 steps: none; 60: a few). Steps are cheap here: a trial's cost is Tune's and MLflow's.
+CHAMPION_SWEEP = ("sweep.search=grid", "sweep.num_samples=1", "sweep.asha=false",
+                  "sweep.space={sae.k: [4, 8], sae.depth: [1, 3]}", "train.max_steps=60")
+
+
+@dataclass
+class TinyChampion:
+    root: Path  # the workdir: its mlflow.db is the store where the champion is models:/insight@champion
+    tracking_uri: str
+    sweep: dict  # what `insight sweep` returned (parent run, best run, trials, Pareto table and plot)
+    concepts: dict  # what `insight concepts` returned for models:/insight@champion
+    checkpoint: Path  # the champion's checkpoint folder, fetched from the registry after mining
+
+    @property
+    def run_id(self) -> str:
+        return self.sweep["best_run_id"]
+
+
+@pytest.fixture(scope="session")
+def tiny_champion(tmp_path_factory, tiny_cache) -> TinyChampion:
+    """The pipeline once per session: a real sweep on the shared tiny cache (which registers its
+    best trial as models:/insight@champion), then the real concepts step on the champion (table,
+    hierarchy and galleries logged to its run). Tests that check these outputs share them; tests
+    of a step's own behaviour (ASHA, resume, the CLI) still run that step."""
+    from insight.concepts.run import mine_concepts
+    from insight.config import load_config
+    from insight.sweeps.tune import sweep
+    from insight.tracking import load_model
+
+    root = tmp_path_factory.mktemp("champion")
+    _, extracted = tiny_cache
+    cfg = load_config(TINY, [f"workdir={root}", f"train.cache={extracted['cache']}", *CHAMPION_SWEEP])
+    out = sweep(cfg)
+    assert out.get("model") == "models:/insight@champion", out
+    uri = cfg.tracking.resolved_uri(cfg.workdir)
+    mining = load_config(TINY, [f"workdir={root}", "concepts.gallery_per_group=1", "concepts.vocab_size=200",
+                                "concepts.gallery_images=4"])
+    concepts = mine_concepts(mining, "models:/insight@champion", cache=extracted["cache"])
+    model = load_model("models:/insight@champion", tracking_uri=uri, dst=str(root / "champion"))
+    return TinyChampion(root=root, tracking_uri=uri, sweep=out, concepts=concepts, checkpoint=model.checkpoint)

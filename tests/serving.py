@@ -1,9 +1,8 @@
 """Fixtures shared by test_serve.py and test_serve_browser.py (``pytest_plugins = ["serving"]``).
 
-One tiny model, trained here in seconds on real bundled images (the tiny
-backbone's features, the real SAE training step, a real MLflow registry with
-the champion alias), its concepts mined by the real `insight concepts` step
-(names, hierarchy, galleries logged to the model's run), and one Serve
+The session's tiny champion (tests/conftest.py `tiny_champion`: the real sweep
+on the tiny profile registers it as models:/insight@champion, the real
+`insight concepts` step logs its names, hierarchy and galleries), and one Serve
 instance on 127.0.0.1 at a free port that the serve test files share. Serve holds CPUs of the session's 2-CPU Ray, so it is
 shut down as soon as no remaining test of the session needs it, not at the
 end of the session.
@@ -64,10 +63,11 @@ def sample_png(name: str = "astronaut", size: int | None = 160) -> bytes:
 
 
 def train_tiny_model(root: Path, steps: int = 40, overrides: tuple[str, ...] = ()) -> Path:
-    """A real Matryoshka SAE on the tiny backbone's features of the bundled images (2 views each).
+    """A checkpoint folder for bench/serve_load.py (which serves a folder, not a registered model):
+    a real Matryoshka SAE on the tiny backbone's features of the bundled images (2 views each).
 
-    Trains in-process with the library's own step (the Ray Train path is tested in
-    test_train.py); past ``sae.threshold_start_step`` so inference uses the learned theta.
+    Trains in-process with the library's own step; past ``sae.threshold_start_step`` so inference
+    uses the learned theta. Tests use the session's `tiny_champion` instead.
     ``overrides`` (--set style) change the profile, e.g. a random-init ViT-B-16 for benchmarks.
     """
     import torch
@@ -109,23 +109,6 @@ def _train(cfg, root: Path, steps: int) -> Path:
     return save_sae(root / "model" / "sae", sae, cfg.to_dict(), step=steps)
 
 
-def register(checkpoint: Path, root: Path) -> str:
-    """Log the checkpoint as an MLflow run and make it models:/insight@champion; returns the URI."""
-    import mlflow
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("insight", artifact_location=(root / "mlartifacts").as_uri())
-    run = client.create_run(exp, run_name="tiny-serve")
-    client.log_artifacts(run.info.run_id, str(checkpoint), "checkpoint")
-    client.log_metric(run.info.run_id, "val_fvu", 0.5)
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model("insight")
-    mv = client.create_model_version("insight", f"runs:/{run.info.run_id}/checkpoint", run.info.run_id)
-    client.set_registered_model_alias("insight", "champion", mv.version)
-    return uri
-
-
 @dataclass
 class Served:
     url: str
@@ -151,31 +134,10 @@ def _shutdown() -> None:
         serve.shutdown()
 
 
-@dataclass
-class TinyModel:
-    checkpoint: Path  # the checkpoint folder
-    tracking_uri: str  # the MLflow store where it is models:/insight@champion
-    root: Path
-    concepts: dict  # what `insight concepts` returned for models:/insight@champion
-
-
-def mine(root: Path, tracking_uri: str, cache: str) -> dict:
-    """The real concepts step on the champion: table, hierarchy and galleries logged to its run."""
-    from insight.concepts.run import mine_concepts
-    from insight.config import load_config
-
-    cfg = load_config(TINY, [f"workdir={root}", f"tracking.uri={tracking_uri}", "concepts.gallery_per_group=1",
-                             "concepts.vocab_size=200", "concepts.gallery_images=4"])
-    return mine_concepts(cfg, "models:/insight@champion", cache=cache)
-
-
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, tiny_cache) -> TinyModel:
-    root = tmp_path_factory.mktemp("serve")
-    ckpt = train_tiny_model(root)
-    uri = register(ckpt, root)
-    _, extracted = tiny_cache  # the same backbone's features of the same bundled images
-    return TinyModel(checkpoint=ckpt, tracking_uri=uri, root=root, concepts=mine(root, uri, extracted["cache"]))
+def tiny_model(tiny_champion):
+    """The session's champion (conftest.tiny_champion): swept, registered and mined by the real steps."""
+    return tiny_champion
 
 
 @pytest.fixture(scope="session")
@@ -219,5 +181,5 @@ def release_serve_when_done(request):
         _shutdown()
 
 
-__all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "free_port", "mine", "png_bytes", "register", "sample_png",
+__all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "free_port", "png_bytes", "sample_png",
            "release_serve_when_done", "served", "tiny_model", "train_tiny_model"]

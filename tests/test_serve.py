@@ -63,15 +63,19 @@ def image() -> bytes:
 # ------------------------------------------------------------------ endpoints
 
 
-def test_healthz_and_model(served, client):
+def test_healthz_and_model(served, client, tiny_model):
+    import mlflow
+
     with served.client(key=None) as anon:
         r = anon.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}  # open, so it says nothing else
     m = client.get("/v1/model").json()
-    assert m["name"] == "insight" and m["version"] == "1" and len(m["run_id"]) == 32
-    assert m["uri"] == "models:/insight/1" and m["metrics"]["val_fvu"] == 0.5
+    assert m["name"] == "insight" and m["version"] == "1" and m["run_id"] == tiny_model.run_id
+    best = mlflow.MlflowClient(tiny_model.tracking_uri).get_run(tiny_model.run_id)  # the sweep's best trial
+    assert m["uri"] == "models:/insight/1" and m["metrics"]["val_fvu"] == pytest.approx(best.data.metrics["val_fvu"])
     assert m["n_concepts"] == 256 and m["dim"] == 64 and m["grid"] == [7, 7] and sum(m["group_sizes"]) == 256
-    assert m["config"]["sae"]["k"] == 8 and m["concepts_named"] is True and m["has_probe"] is False
+    k = tiny_model.sweep["best_overrides"]["sae.k"]
+    assert m["config"]["sae"]["k"] == k and m["concepts_named"] is True and m["has_probe"] is False
     assert m["config"]["tasks"]["crop"] == 112 and "workdir" not in m["config"]
     assert m["limits"]["max_pixels"] == LIMITS["max_pixels"] and m["limits"]["body_timeout_s"] == 2.0
     # the model replica batches as ServeConfig says (the decorator's defaults are 8 and 0.01)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import CHAMPION_SWEEP, ROOT, TINY
 
 
 def _cfg(tiny_cache, workdir, *sets):
@@ -25,17 +25,17 @@ def _children(client, parent_id):
     return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_sweep_registers_champion_and_draws_pareto(tiny_cache, tmp_path):
+def test_sweep_registers_champion_and_draws_pareto(tiny_champion, tiny_cache, tmp_path):
+    """The session's sweep (conftest.tiny_champion: the 2x2 grid of CHAMPION_SWEEP, run once and shared
+    with the serve, CLI and evaluate tests): child runs, Pareto artifacts, the champion alias."""
     import mlflow
 
-    from insight.sweeps.tune import sweep
     from insight.tracking import load_model
 
-    cfg = _cfg(tiny_cache, tmp_path, "sweep.search=grid", "sweep.num_samples=1", "sweep.asha=false",
-               "sweep.space={sae.k: [4, 8], sae.depth: [1, 3]}", "train.max_steps=12")
-    out = sweep(cfg)
+    assert "sweep.space={sae.k: [4, 8], sae.depth: [1, 3]}" in CHAMPION_SWEEP
+    out = tiny_champion.sweep
     assert out["trials"] == 4 and out["completed_trials"] == 4
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tiny_champion.tracking_uri
     client = mlflow.MlflowClient(uri)
     children = _children(client, out["parent_run_id"])
     assert len(children) == 4

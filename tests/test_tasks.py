@@ -353,20 +353,21 @@ def test_probe_learns_a_separable_problem(tmp_path, ray_local):
         train_probe(cfg, s, y + 4, ["a", "b", "c", "d"])
 
 
-def test_evaluate_cli_end_to_end(tiny_cache, tmp_path):
+def test_evaluate_cli_end_to_end(tiny_champion, tmp_path):
+    """`insight evaluate` on the session's champion (a real sweep's best trial), logged to its store."""
     import mlflow
     from typer.testing import CliRunner
 
     from insight.cli import app
     from insight.config import load_config
     from insight.data.samples import write_voc_coco
-    from insight.training.sae import train
 
-    _, extracted = tiny_cache
-    cfg = load_config(TINY, [f"workdir={tmp_path}", f"train.cache={extracted['cache']}", "train.max_steps=25"])
-    model = train(cfg)
+    uri = tiny_champion.tracking_uri
+    model = {"run_id": tiny_champion.run_id}
+    cfg = load_config(TINY, [f"workdir={tmp_path}", f"tracking.uri={uri}"])
     ann, images = write_voc_coco(tmp_path / "voc_coco")
     args = ["evaluate", "--model", model["run_id"], "--config", str(TINY), "--set", f"workdir={tmp_path}",
+            "--set", f"tracking.uri={uri}",
             "--set", "data.kind=coco", "--set", f"data.root={images}", "--set", f"data.annotations={ann}",
             "--set", "tasks.background=true"]
     out = CliRunner().invoke(app, args)
@@ -400,14 +401,14 @@ def test_evaluate_cli_end_to_end(tiny_cache, tmp_path):
     from insight.tasks import Segmenter
     from insight.tracking import load_model
 
-    loaded = load_model(model["run_id"], tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", dst=str(tmp_path / "m"))
+    loaded = load_model(model["run_id"], tracking_uri=uri, dst=str(tmp_path / "m"))
     seg = Segmenter.from_model(loaded, ["background", "person"], background=True, tasks=cfg.tasks)
     feats = seg.encode(_voc_rgb()).feats_pd
     recon = loaded.sae.decode(loaded.sae.encode(feats))
     assert res["recon_fvu"] == pytest.approx(fvu(feats, recon), rel=1e-3)
     assert res["recon_cosine"] == pytest.approx(cosine(feats, recon), abs=1e-4)
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(uri)
     run = client.get_run(res["run_id"])
     assert run.data.tags["insight.model_run_id"] == model["run_id"] and run.data.tags["insight.step"] == "evaluate"
     assert run.data.metrics["miou_concepts"] == pytest.approx(res["miou_concepts"])
