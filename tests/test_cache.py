@@ -76,8 +76,14 @@ def test_corrupt_and_missing_shards_are_named(tmp_path):
     os.remove(shard)
     with pytest.raises(CacheError, match="shard-00001.parquet is missing"):
         list(reader.iter_images())
-    with pytest.raises(CacheError, match="manifest.json is missing"):
+    with pytest.raises(CacheError, match="no such folder: .*nothing.*insight extract"):
         CacheReader(str(tmp_path / "nothing"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CacheError, match="manifest.json is missing.*rerun `insight extract`"):
+        CacheReader(str(tmp_path / "half"))
+    # the folder above a cache: say so and list the caches under it
+    with pytest.raises(CacheError, match=rf"is a cache root, not a cache; caches under it: {loc.name}"):
+        CacheReader(str(loc.parent))
 
 
 def test_import_round_trip_with_text(tmp_path):

@@ -256,6 +256,25 @@ def is_validation(image_id: str, val_fraction: float) -> bool:
 # ------------------------------------------------------------------ reader
 
 
+def _no_cache_message(fs: pafs.FileSystem, path: str, location: str) -> str:
+    """Why ``location`` is not a cache, and what to do: a missing folder, a cache root (list the caches
+    under it), or an extraction that never wrote its manifest."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return f"no such folder: {location} (run `insight extract` first, or pass the folder it printed)"
+    if info.type != pafs.FileType.Directory:
+        return f"{location} is a file, not a cache folder"
+    children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    caches = sorted(c.base_name for c in children
+                    if c.type == pafs.FileType.Directory and exists(fs, join(c.path, "manifest.json")))
+    if caches:
+        shown = ", ".join(caches[:10]) + (f" and {len(caches) - 10} more" if len(caches) > 10 else "")
+        return (f"{location} is a cache root, not a cache; caches under it: {shown} "
+                f"(e.g. `insight cache info {location}/{caches[0]}`)")
+    return (f"no cache at {location}: manifest.json is missing (the extraction did not finish? "
+            "rerun `insight extract` with the same config to resume it)")
+
+
 class CacheReader:
     """Read a finished cache: manifest, verified shards, images, tokens, Ray Datasets."""
 
@@ -264,9 +283,7 @@ class CacheReader:
         self.fs, self.path = resolve_fs(self.location)
         mpath = join(self.path, "manifest.json")
         if not exists(self.fs, mpath):
-            raise CacheError(
-                f"no cache at {self.location}: manifest.json is missing (the extraction did not finish?)"
-            )
+            raise CacheError(_no_cache_message(self.fs, self.path, self.location))
         self.manifest = Manifest.from_json(read_bytes(self.fs, mpath).decode(), where=f"{self.location}/manifest.json")
 
     @property
