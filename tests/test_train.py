@@ -109,9 +109,10 @@ def _worker_pids():
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "regression under investigation: since commit b72b61c the worker group restarted after a SIGKILL "
-    "finishes its 80 steps but begins at step 0 (resumed_from -1) instead of at its registered checkpoint; "
-    "it passed at c4aaaeb and 58fb605"))
+    "regression under investigation: the worker group restarted after a SIGKILL finishes its 80 steps but "
+    "begins at step 0 (resumed_from -1) instead of at its registered checkpoint; passes at 58fb605, fails at "
+    "31041d2 (whole-shard reads in CacheReader.to_ray_dataset, the prime suspect); b72b61c in between does "
+    "not run on its own"))
 def test_killed_worker_is_survived(tiny_cache, tmp_path):
     from insight.training.sae import train
 
