@@ -33,6 +33,7 @@ from insight.cache.format import (
     resolve_fs,
     sha256,
 )
+from insight.cache.locate import cache_location
 from insight.cache.lock import ExtractionLock, make_guard
 from insight.runtime import ensure_ray
 
@@ -61,17 +62,33 @@ def cache_identity(cfg, backbone_identity: dict, dataset_identity: dict) -> dict
     }
 
 
+# Shards one replica works on at once. Two let one shard's image decode, augmentation and Parquet
+# write run while the other's forward holds the model (the forward itself runs one at a time).
+SHARDS_IN_FLIGHT = 2
+
+
 class ShardWorker:
-    """A backbone replica: encodes whole shards and writes them atomically."""
+    """A backbone replica: encodes whole shards and writes them atomically.
+
+    Ray Data runs up to SHARDS_IN_FLIGHT calls of one replica concurrently (threads). Each call
+    decodes and augments its next batch on a helper thread while the current one goes through the
+    model, which one call at a time holds (``_model``), so the model's threads stay busy while
+    another shard is decoded or written. Forward outputs go straight into one array per shard in
+    the configured dtype, which the shard writer hands to Arrow without another copy. Every shard's
+    sidecar records its stage times (``stages``) and wall-clock span, which bench/extract.py adds up.
+    """
 
     def __init__(self, cfg_json: str, items: list[dict], location: str, grid: tuple[int, int],
                  threads: int, token: str) -> None:
+        import threading
+
         import torch
 
         from insight.backbones import build_backbone
         from insight.config import InsightConfig
         from insight.data.transforms import Preprocessor
 
+        t0 = time.perf_counter()
         torch.set_num_threads(max(1, threads))
         self.cfg = InsightConfig.model_validate_json(cfg_json)
         self.backbone = build_backbone(self.cfg.backbone)
@@ -81,42 +98,87 @@ class ShardWorker:
         self.fs, self.path = resolve_fs(location)
         self.grid = grid
         self.token = token  # the run's hold on the folder: see insight.cache.lock
+        self._model = threading.Lock()
+        self.init_s = time.perf_counter() - t0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
+    def _prepare(self, items: list[dict], last: dict[str, Any], t: dict[str, float]):
+        """Decode (once per image, its views share it) and augment ``items`` -> (ids, indices, NCHW, skipped)."""
         from insight.data.datasets import load_image
 
+        ids, idx, tensors, skipped = [], [], [], {}
+        for item in items:
+            if last.get("path") != item["path"]:
+                t0 = time.perf_counter()
+                last.update(path=item["path"], image=load_image(item["path"]))
+                t["decode"] += time.perf_counter() - t0
+            rgb, why = last["image"]
+            if rgb is None:
+                skipped[item["image_id"]] = why
+                continue
+            t0 = time.perf_counter()
+            tensors.append(self.pre(rgb, item["base_id"], item["view"]))
+            t["augment"] += time.perf_counter() - t0
+            ids.append(item["image_id"])
+            idx.append(item["index"])
+        x = np.stack(tensors) if tensors else None
+        return ids, idx, x, skipped
+
+    def _encode(self, items: list[dict], t: dict[str, float]):
+        """Forward ``items`` in batches, overlapping the next batch's preparation; -> (ids, idx, feats, skipped)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        bs = self.cfg.extract.batch_size
+        chunks = [items[i : i + bs] for i in range(0, len(items), bs)]
+        d = self.backbone.dim
+        feats = np.empty((len(items), *self.grid, d), dtype=np.dtype(self.cfg.cache.dtype))
+        ids, idx, skipped, n = [], [], {}, 0
+        last: dict[str, Any] = {}  # the decoded image the previous item used (its views follow it)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="insight-prep") as prep:
+            nxt = prep.submit(self._prepare, chunks[0], last, t) if chunks else None
+            for j in range(len(chunks)):
+                t0 = time.perf_counter()
+                b_ids, b_idx, x, b_skipped = nxt.result()
+                t["prep_wait"] += time.perf_counter() - t0
+                if j + 1 < len(chunks):
+                    nxt = prep.submit(self._prepare, chunks[j + 1], last, t)
+                skipped.update(b_skipped)
+                if x is None:
+                    continue
+                t0 = time.perf_counter()
+                with self._model:
+                    t1 = time.perf_counter()
+                    out = self.backbone.encode_patches(torch.from_numpy(x))
+                    t2 = time.perf_counter()
+                t["model_wait"] += t1 - t0
+                t["forward"] += t2 - t1
+                if tuple(out.shape[1:3]) != tuple(self.grid):
+                    raise RuntimeError(f"backbone produced grid {tuple(out.shape[1:3])}, expected {self.grid}")
+                feats[n : n + len(b_ids)] = out.numpy()  # the one copy, into the stored dtype
+                t["copy"] += time.perf_counter() - t2
+                ids += b_ids
+                idx += b_idx
+                n += len(b_ids)
+        return ids, idx, feats[:n], skipped
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"shard": [], "meta": []}
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
-            t0 = time.perf_counter()
-            ids, idx, tensors, skipped = [], [], [], {}
-            decoded: dict[str, Any] = {}
-            for item in self.items[int(start) : int(stop)]:
-                if item["path"] not in decoded:
-                    decoded = {item["path"]: load_image(item["path"])}
-                rgb, why = decoded[item["path"]]
-                if rgb is None:
-                    skipped[item["image_id"]] = why
-                    continue
-                ids.append(item["image_id"])
-                idx.append(item["index"])
-                tensors.append(self.pre(rgb, item["base_id"], item["view"]))
-            chunks = []
-            bs = self.cfg.extract.batch_size
-            for i in range(0, len(tensors), bs):
-                chunks.append(self.backbone.encode_patches(torch.from_numpy(np.stack(tensors[i : i + bs]))).numpy())
-            d = self.backbone.dim
-            feats = np.concatenate(chunks) if chunks else np.zeros((0, *self.grid, d), np.float32)
-            if feats.shape[1:3] != tuple(self.grid):
-                raise RuntimeError(f"backbone produced grid {feats.shape[1:3]}, expected {self.grid}")
+            begun, t0 = time.time(), time.perf_counter()
+            t = dict.fromkeys(("decode", "augment", "prep_wait", "model_wait", "forward", "copy", "write"), 0.0)
+            ids, idx, feats, skipped = self._encode(self.items[int(start) : int(stop)], t)
+            t1 = time.perf_counter()
             data = encode_shard(ids, idx, feats, self.cfg.cache.dtype)
             name = f"shard-{int(shard):05d}.parquet"
             info = ShardInfo(name=name, images=len(ids), tokens=len(ids) * self.grid[0] * self.grid[1],
                              sha256=sha256(data), bytes=len(data), first_index=int(start))
             guard = make_guard(self.fs, self.path, self.token, f"shard {name}")
             atomic_write(self.fs, join(self.path, "shards", name), data, guard=guard)
-            side = {"info": asdict(info), "skipped": skipped, "seconds": time.perf_counter() - t0}
+            t["write"] = time.perf_counter() - t1
+            side = {"info": asdict(info), "skipped": skipped, "seconds": time.perf_counter() - t0,
+                    "stages": {k: round(v, 4) for k, v in t.items()}, "span": [begun, time.time()],
+                    "replica_init_s": round(self.init_s, 3)}
             atomic_write(self.fs, join(self.path, "shards", name.replace(".parquet", ".json")),
                          json.dumps(side).encode(), guard=guard)
             out["shard"].append(int(shard))
@@ -140,7 +202,7 @@ def extract(cfg, progress: bool = True) -> dict[str, Any]:
     identity = cache_identity(cfg, backbone.identity(), dataset.identity())
     key = content_key(identity)
     grid = _probe_grid(backbone)
-    location = join(cfg.path(cfg.cache.root), key)
+    location = cache_location(cfg, key)
     fs, path = resolve_fs(location)
     base = {"cache": location, "key": key, "grid": list(grid), "dim": backbone.dim}
 
@@ -196,7 +258,11 @@ def _extract_locked(cfg, progress: bool, dataset, backbone, identity: dict[str, 
                                    "location": location, "grid": grid,
                                    "threads": int(cfg.extract.cpus_per_worker), "token": lock.token},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=cfg.extract.num_workers),
+            compute=ray.data.ActorPoolStrategy(size=cfg.extract.num_workers,
+                                               max_concurrent_calls_per_actor=SHARDS_IN_FLIGHT,
+                                               # no queue behind them: a replica that starts later still gets shards
+                                               max_tasks_in_flight_per_actor=SHARDS_IN_FLIGHT,
+                                               enable_true_multi_threading=True),
             num_cpus=cfg.extract.cpus_per_worker,
             num_gpus=gpus if gpus > 0 else None,
             batch_format="numpy",
@@ -227,5 +293,6 @@ def _extract_locked(cfg, progress: bool, dataset, backbone, identity: dict[str, 
             "tokens": manifest.num_tokens, "skipped": len(manifest.skipped),
             "skipped_ids": sorted(manifest.skipped)[:50],
             "images_per_s": new_images / seconds_work if todo and seconds_work > 0 else None,
+            "seconds_work": seconds_work if todo else 0.0,
             "bytes_per_token": (sum(s.bytes for s in manifest.shards) / max(1, manifest.num_tokens)),
             "seconds": time.perf_counter() - t_start, "status": "written"}
