@@ -325,6 +325,62 @@ def test_pass_is_identical_over_one_shard_or_many(ray_local, planted_model, tmp_
                 assert map_hw[row, col] == pytest.approx(act, rel=1e-3)  # the map is the concept's, on that image
 
 
+def test_pass_equals_the_dense_formula_in_every_encoding_mode(tmp_path):
+    """partial_stats against D = (z * A)^T N, counts, top tables and maps computed densely here.
+
+    Dyadic weights and features make every code exact in float32, so the sparse fixed-point pass must match
+    bit for bit: per-token top-k (theta < 0), theta below eps (codes in (0, eps] are in the maps but not
+    active), a learned theta; radius 0 and 1; a concept that never fires, an image where nothing fires,
+    chunks of two images across shards of four, and a split that keeps no image.
+    """
+    from insight.cache import CacheReader
+    from insight.cache.importer import import_features
+    from insight.concepts.stats import FIXED_SCALE, encode_tokens, partial_stats
+    from insight.sae import MatryoshkaSAE
+
+    rng = np.random.default_rng(3)
+    n, g, dim, m, top_n = 7, 4, 8, 12, 4
+    grids = rng.integers(-8, 9, size=(n, g, g, dim)).astype(np.float32) / 4
+    grids[2] = 0.0  # nothing fires on this image (zero features, zero biases)
+    np.save(tmp_path / "g.npy", grids)
+    reader = CacheReader(import_features(str(tmp_path / "g.npy"), str(tmp_path / "c"), shard_images=4)["cache"])
+    sae = MatryoshkaSAE(dim, m, [m], k=3, seed=0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.from_numpy(rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], size=(dim, m)).astype(np.float32)))
+        sae.W_enc[:, m - 1] = 0.0  # concept m-1 never fires: its pre-activation is 0
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.eval()
+    x = torch.from_numpy(grids)
+    for theta, eps in ((-1.0, 1e-3), (0.0, 0.75), (1.5, 1e-3)):
+        sae.threshold.fill_(theta)
+        with torch.no_grad():
+            z = torch.stack([encode_tokens(sae, x[i].reshape(g * g, dim)) for i in range(n)]).reshape(n, g, g, m)
+        act = z > eps
+        assert act[2].sum() == 0 and act[..., m - 1].sum() == 0 and act.sum() > 0
+        if theta == 0.0:
+            assert ((z > 0) & ~act).any()  # codes under the activity floor
+        for radius in (0, 1):
+            nb = torch.nn.functional.max_pool2d(act.permute(0, 3, 1, 2).double(), 2 * radius + 1, 1, radius)
+            dense = torch.einsum("bhwi,bjhw->ij", (z * act).double(), nb).numpy()
+            st = partial_stats(reader, range(len(reader.manifest.shards)), sae, eps=eps, radius=radius,
+                               top_n=top_n, map_top=2, chunk_tokens=2 * g * g)
+            assert st.tokens == n * g * g and st.images == n
+            np.testing.assert_array_equal(st.cooc_mm / FIXED_SCALE, dense)
+            np.testing.assert_array_equal(st.count_m, act.sum((0, 1, 2)).numpy())
+            for i in range(m):
+                vals = np.sort(z[..., i][act[..., i]].numpy())[::-1][:top_n]
+                tops = st.top_patches(i)
+                assert [v for *_, v in tops] == vals.tolist()
+                for rank, (image_id, row, col, v) in enumerate(tops[:2]):  # the importer's ids: the row number
+                    assert z[int(image_id), row, col, i] == v
+                    np.testing.assert_array_equal(st.top_map(i, rank), z[int(image_id), :, :, i].numpy().astype(np.float16))
+            assert st.top_patches(m - 1) == [] and not st.dn_rows(m - 1, m).any()
+    none = partial_stats(reader, range(len(reader.manifest.shards)), sae, eps=1e-3, radius=1, top_n=top_n,
+                         split="val", val_fraction=0.0)
+    assert none.tokens == 0 and not none.cooc_mm.any() and not none.count_m.any() and none.top_patches(0) == []
+
+
 # ------------------------------------------------------------------ the planted hierarchy, end to end
 
 

@@ -16,9 +16,13 @@ Why it looks like this:
 
 - Sparse, never dense in tokens. Only the ~k active concepts of a token matter,
   so D is accumulated from the active pairs of each token (sum_t |A_t| |N_t|,
-  about k^2 T index-adds) instead of a dense (M, T) x (T, M) product. Memory is
-  the M x M accumulator plus one chunk of tokens: 512 MB at M = 8192, whatever
-  the number of tokens. bench/concepts.py measures it against the dense product.
+  about k^2 T exact scatter-adds) instead of a dense (M, T) x (T, M) product.
+  The encoder's dense output is thresholded a few images at a time while it
+  is in cache and only its nonzero entries go on (`GridCodes`); counts, D,
+  the top-N tables and the maps are all computed from those. Memory is the
+  M x M accumulator plus one chunk of sparse codes and one small dense block:
+  512 MB at M = 8192, whatever the number of tokens. bench/concepts.py
+  measures it against the dense product, stage by stage (`stage_seconds`).
 - Exact and split-invariant. Codes are computed image by image (one matmul
   shape for every image, so a token's code never depends on which tokens share
   its batch), D is accumulated in int64 fixed point (units of 2^-20, room for
@@ -43,7 +47,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,8 +61,8 @@ log = logging.getLogger(__name__)
 
 FIXED_BITS = 20
 FIXED_SCALE = float(2**FIXED_BITS)  # D is stored in units of 2^-20 activation
-CHUNK_TOKENS = 4096  # tokens (whole images) processed together
-MAX_PAIRS = 1 << 22  # index-adds per block: bounds the temporaries of a chunk
+CHUNK_TOKENS = 16384  # tokens (whole images) folded in together: one D product, one top-N merge
+BLOCK_VALUES = 1 << 21  # pre-activations encoded at once (8 MB): a block is thresholded while it is in cache
 
 
 # ------------------------------------------------------------------ encoding
@@ -79,15 +83,29 @@ def encode_tokens(sae: MatryoshkaSAE, x_nd: Tensor) -> Tensor:
     return torch.zeros_like(pre_nm).scatter_(1, top.indices, top.values.clamp_min(0))
 
 
-class ImageEncoder:
-    """Codes (B, H, W, M) of stacks of patch grids, one (H*W, D) x (D, M) product per image.
+class GridCodes(NamedTuple):
+    """Sparse codes of a stack of whole images: the entries with z > 0.
 
-    A batched matmul (``baddbmm``) over the images of a chunk: every image is
-    its own product of the same shape, so a token's code is a function of its
-    image alone, never of which images share its chunk (see the module doc),
-    and the chunk still runs as one call. Same codes as ``sae.encode`` up to
-    float rounding of the folded bias; before theta is learned, the per-token
-    top-k of `encode_tokens`.
+    ``token`` is ``image * H*W + row * W + col`` within the stack; entries are
+    sorted by token, then concept (row-major order of the dense (B, H, W, M) codes).
+    """
+
+    images: int
+    token: np.ndarray  # int64
+    concept: np.ndarray  # int64
+    value: np.ndarray  # float32
+
+
+class ImageEncoder:
+    """Sparse codes (`GridCodes`) of stacks of patch grids, one (H*W, D) x (D, M) product per image.
+
+    Every image is its own product of the same shape (``addmm`` into a reused
+    block), so a token's code is a function of its image alone, never of which
+    images share its chunk (see the module doc). A block of a few images is
+    thresholded and its entries extracted while it is in cache: the dense
+    (B, M) codes are written once, never masked or copied. Same codes as
+    ``sae.encode`` up to float rounding of the folded bias; before theta is
+    learned, the per-token top-k of `encode_tokens`.
     """
 
     def __init__(self, sae: MatryoshkaSAE) -> None:
@@ -97,27 +115,35 @@ class ImageEncoder:
             self.bias_m = (sae.b_enc - sae.b_dec @ sae.W_enc).detach().float().contiguous()
         self.theta = float(sae.threshold)
 
-    def __call__(self, feats_bhwd: np.ndarray | Tensor) -> Tensor:
-        x = torch.as_tensor(np.asarray(feats_bhwd, dtype=np.float32)) if isinstance(feats_bhwd, np.ndarray) \
-            else feats_bhwd.float()
+    def __call__(self, feats_bhwd: np.ndarray | Tensor) -> GridCodes:
+        x = torch.as_tensor(np.ascontiguousarray(feats_bhwd, dtype=np.float32)) \
+            if isinstance(feats_bhwd, np.ndarray) else feats_bhwd.float().contiguous()
         b, h, w, d = x.shape
-        m = self.sae.n_concepts
+        hw, m = h * w, self.sae.n_concepts
         if d != self.sae.d_in:
             raise ValueError(f"features have dim {d}, the SAE expects {self.sae.d_in}")
+        per = max(1, BLOCK_VALUES // max(1, hw * m))
+        block = torch.empty(min(b, per), hw, m)
+        flats: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        floor = max(self.theta, 0.0)  # z = pre * 1[pre > theta] (theta >= 0); top-k codes are >= 0
         with torch.no_grad():
-            if self.theta < 0:
-                z_bnm = torch.stack([encode_tokens(self.sae, x[i].reshape(h * w, d)) for i in range(b)]) if b \
-                    else x.new_zeros(0, h * w, m)
-            else:
-                x_bnd = x.reshape(b, h * w, d)
-                z_bnm = torch.baddbmm(self.bias_m.expand(b, 1, m), x_bnd, self.w_dm.expand(b, d, m))
-                z_bnm.masked_fill_(z_bnm <= self.theta, 0.0)
-        return z_bnm.view(b, h, w, m)
-
-
-def encode_images(sae: MatryoshkaSAE, feats_bhwd: np.ndarray | Tensor) -> Tensor:
-    """Codes (B, H, W, M) of a stack of patch grids (`ImageEncoder`, built once per call)."""
-    return ImageEncoder(sae)(feats_bhwd)
+            for s in range(0, b, per):
+                e = min(b, s + per)
+                for j in range(s, e):
+                    x_nd = x[j].view(hw, d)
+                    if self.theta < 0:
+                        block[j - s] = encode_tokens(self.sae, x_nd)
+                    else:
+                        torch.addmm(self.bias_m, x_nd, self.w_dm, out=block[j - s])
+                pre = block[: e - s].numpy().reshape(-1)
+                flat = np.flatnonzero(pre > floor)
+                values.append(pre[flat])
+                flats.append(flat + s * hw * m)
+        flat = np.concatenate(flats) if flats else np.zeros(0, np.int64)
+        token = flat // m
+        return GridCodes(b, token, flat - token * m,
+                         np.concatenate(values) if values else np.zeros(0, np.float32))
 
 
 def dilate(act_bhwm: Tensor, radius: int) -> Tensor:
@@ -138,35 +164,64 @@ def dilate(act_bhwm: Tensor, radius: int) -> Tensor:
     return out
 
 
-def add_pairs(cooc_flat: Tensor, t_w: Tensor, i_w: Tensor, w_fixed: Tensor, t_n: Tensor, j_n: Tensor,
-              n_tokens: int, n_concepts: int) -> None:
+def neighbourhood(t_w: np.ndarray, i_w: np.ndarray, images: int, grid: tuple[int, int], n_concepts: int,
+                  radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entries (t, j) of A dilated over each image's grid by ``radius``, sorted by token then concept.
+
+    ``t_w, i_w``: the active entries, sorted by token. Dilated a few images at
+    a time (a dense boolean block of at most BLOCK_VALUES entries).
+    """
+    hw = grid[0] * grid[1]
+    m = n_concepts
+    per = max(1, BLOCK_VALUES // max(1, hw * m))
+    flats = []
+    for s in range(0, images, per):
+        e = min(images, s + per)
+        lo, hi = np.searchsorted(t_w, [s * hw, e * hw])
+        blk = torch.zeros((e - s) * hw * m, dtype=torch.bool)
+        blk[torch.from_numpy((t_w[lo:hi] - s * hw) * m + i_w[lo:hi])] = True
+        flats.append(np.flatnonzero(dilate(blk.view(e - s, grid[0], grid[1], m), radius).numpy()) + s * hw * m)
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.int64)
+    t_n = flat // m
+    return t_n, flat - t_n * m
+
+
+def _small(a: np.ndarray) -> np.ndarray:
+    """``a`` as uint16 when its values fit (NumPy's stable sort is then a radix sort)."""
+    return a.astype(np.uint16) if a.size and 0 <= a.min() and a.max() < 1 << 16 else a
+
+
+def add_cooc(cooc_mm: np.ndarray, t_w: np.ndarray, i_w: np.ndarray, w_fixed: np.ndarray, t_n: np.ndarray,
+             j_n: np.ndarray, n_tokens: int) -> None:
     """cooc[i, j] += w for every active (t, i, w) and every (t, j) of the same token's neighbourhood.
 
     ``t_w, i_w, w_fixed``: active entries (token, concept, fixed-point weight),
-    ``t_n, j_n``: neighbourhood entries sorted by token. Pairs are expanded in
-    blocks of at most MAX_PAIRS so temporaries stay small.
+    ``t_n, j_n``: neighbourhood entries sorted by token. Active entries are
+    grouped by the size q of their token's neighbourhood, so each group's
+    pairs are one (entries, q) index block and one exact int64 scatter-add
+    (``np.add.at``): about sum_t |A_t| |N_t| adds, a few dozen NumPy calls
+    per chunk, no per-pair Python.
     """
-    if t_w.numel() == 0:
+    if t_w.size == 0:
         return
-    cnt_n = torch.bincount(t_n, minlength=n_tokens)
-    start_n = torch.cumsum(cnt_n, 0) - cnt_n
-    rep = cnt_n[t_w]  # pairs of each active entry
-    first_n = start_n[t_w]  # where its token's neighbourhood entries start
-    row_w = i_w * n_concepts
-    csum = torch.cumsum(rep, 0)
-    e0, n_entries = 0, t_w.numel()
-    while e0 < n_entries:
-        base = int(csum[e0 - 1]) if e0 else 0
-        e1 = max(e0 + 1, int(torch.searchsorted(csum, base + MAX_PAIRS, right=True)))
-        r = rep[e0:e1]
-        total = int(csum[e1 - 1]) - base
-        if total:
-            # neighbourhood entry of each pair: its token's first entry + its rank within the token
-            offs = csum[e0:e1] - r - base
-            f = torch.arange(total) + torch.repeat_interleave(first_n[e0:e1] - offs, r, output_size=total)
-            flat = torch.repeat_interleave(row_w[e0:e1], r, output_size=total) + j_n[f]
-            cooc_flat.index_add_(0, flat, torch.repeat_interleave(w_fixed[e0:e1], r, output_size=total))
-        e0 = e1
+    m = cooc_mm.shape[0]
+    flat_mm = cooc_mm.reshape(-1)
+    cnt_n = np.bincount(t_n, minlength=n_tokens)
+    start_n = np.cumsum(cnt_n) - cnt_n
+    q_e = cnt_n[t_w]
+    # entries by q, then by concept: each group's scatter walks the accumulator row by row (2x fewer cache misses)
+    order = np.argsort(_small(i_w), kind="stable")
+    order = order[np.argsort(_small(q_e[order]), kind="stable")]
+    q_sorted = q_e[order]
+    cuts = np.flatnonzero(np.diff(q_sorted)) + 1
+    for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, order.size].tolist(), strict=True):
+        q = int(q_sorted[lo])
+        if q == 0:
+            continue
+        e = order[lo:hi]
+        idx = j_n[start_n[t_w[e]][:, None] + np.arange(q)]
+        idx += (i_w[e] * m)[:, None]
+        np.add.at(flat_mm, idx.reshape(-1), np.repeat(w_fixed[e], q))
 
 
 def merge_top(val_mn: np.ndarray, key_mn: np.ndarray, concept: np.ndarray, val: np.ndarray,
@@ -226,6 +281,7 @@ class ConceptStats:
     image_ids: dict[int, str] = field(default_factory=dict)  # ordinal -> image id
     maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (concept, key) -> float16 (H, W)
     seconds: float = 0.0  # summed task time
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # summed time per stage (read, encode, ...)
 
     def __post_init__(self) -> None:
         m, n = self.n_concepts, self.top_n
@@ -244,31 +300,41 @@ class ConceptStats:
     def tokens_per_image(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def add_chunk(self, z_bhwm: Tensor, ordinals: Sequence[int], ids: Sequence[str]) -> None:
-        """Fold the codes of a few whole images into the sums, counts and top tables."""
-        b, h, w, m = z_bhwm.shape
-        hw = h * w
+    def add_codes(self, codes: GridCodes, ordinals: Sequence[int], ids: Sequence[str]) -> None:
+        """Fold the sparse codes of a few whole images into the sums, counts and top tables."""
+        t0 = time.perf_counter()
+        hw, m = self.tokens_per_image, self.n_concepts
+        b = codes.images
         n_tok = b * hw
-        z_tm = z_bhwm.reshape(n_tok, m)
-        act_bhwm = z_bhwm > self.eps
-        t_w, i_w = act_bhwm.view(n_tok, m).nonzero(as_tuple=True)  # sorted by token, then concept
-        val = z_tm[t_w, i_w]
-        w_fixed = torch.round(val.double() * FIXED_SCALE).long()
-        if self.radius > 0:
-            t_n, j_n = dilate(act_bhwm, self.radius).view(n_tok, m).nonzero(as_tuple=True)
+        act = codes.value > self.eps  # z in (0, eps] is below the activity floor
+        if act.all():
+            t_np, i_np, vals = codes.token, codes.concept, codes.value
         else:
-            t_n, j_n = t_w, i_w
-        add_pairs(torch.from_numpy(self.cooc_mm).view(-1), t_w, i_w, w_fixed, t_n, j_n, n_tok, m)
-        i_np = i_w.numpy()
+            t_np, i_np, vals = codes.token[act], codes.concept[act], codes.value[act]
         self.count_m += np.bincount(i_np, minlength=m)
         self.tokens += n_tok
         self.images += b
+        if t_np.size:
+            w_fixed = np.rint(vals.astype(np.float64) * FIXED_SCALE).astype(np.int64)
+            if self.radius > 0:
+                t_n, j_n = neighbourhood(t_np, i_np, b, self.grid, m, self.radius)
+            else:
+                t_n, j_n = t_np, i_np
+            add_cooc(self.cooc_mm, t_np, i_np, w_fixed, t_n, j_n, n_tok)
+        t1 = time.perf_counter()
+        self.stage_seconds["cooc"] = self.stage_seconds.get("cooc", 0.0) + t1 - t0
+        try:
+            self._add_top(codes, t_np, i_np, vals, ordinals, ids)
+        finally:
+            self.stage_seconds["top"] = self.stage_seconds.get("top", 0.0) + time.perf_counter() - t1
 
-        # top-N candidates: only entries that can enter the table
+    def _add_top(self, codes: GridCodes, t_np: np.ndarray, i_np: np.ndarray, vals: np.ndarray,
+                 ordinals: Sequence[int], ids: Sequence[str]) -> None:
+        """Top-N candidates of the active entries (t_np, i_np, vals): only entries that can enter the table."""
+        hw = self.tokens_per_image
         ords = np.asarray(ordinals, np.int64)
-        t_np = t_w.numpy()
         keys = ords[t_np // hw] * hw + t_np % hw
-        vals = val.numpy().astype(np.float32)
+        vals = vals.astype(np.float32, copy=False)
         floor = self.top_val_mn[i_np, self.top_n - 1]
         cand = vals >= floor
         if not cand.any():
@@ -291,18 +357,19 @@ class ConceptStats:
             for j, o in enumerate(ords):
                 self.image_ids[int(o)] = ids[j]
         if self.map_top:
-            self._add_maps(z_bhwm, ords, rows_aff)
+            self._add_maps(codes, ords, rows_aff)
         if len(self.codes) > 4 * self.top_n * max(1, min(self.n_concepts, 4096)):
             self.prune()
 
-    def _add_maps(self, z_bhwm: Tensor, ords: np.ndarray, rows: np.ndarray) -> None:
+    def _add_maps(self, codes: GridCodes, ords: np.ndarray, rows: np.ndarray) -> None:
         """Keep the activation map (over its image) of every new entry among the first ``map_top`` of a table row.
 
         Entries only move down a row as better ones arrive, so an entry that is
         among the first ``map_top`` now was among them when its chunk was seen:
-        galleries never need a second pass over the cache.
+        galleries never need a second pass over the cache. A map is the
+        concept's z over the image, rebuilt from the image's sparse codes.
         """
-        hw = self.tokens_per_image
+        hw, m = self.tokens_per_image, self.n_concepts
         sub = self.top_key_mn[rows, : min(self.map_top, self.top_n)]
         r_idx, _ = np.nonzero(sub >= 0)
         conc = rows[r_idx]
@@ -312,11 +379,15 @@ class ConceptStats:
         if not pick:
             return
         local = {int(o): j for j, o in enumerate(ords)}
-        b_idx = torch.tensor([local[int(ord_k[j])] for j in pick], dtype=torch.long)
-        c_idx = torch.from_numpy(conc[pick].astype(np.int64))
-        maps_nhw = z_bhwm[b_idx, :, :, c_idx].numpy().astype(np.float16)
-        for j, mp in zip(pick, maps_nhw, strict=True):
-            self.maps[(int(conc[j]), int(keys[j]))] = mp
+        want = np.array([local[int(ord_k[j])] * m + int(conc[j]) for j in pick], np.int64)  # image * M + concept
+        uniq, inv = np.unique(want, return_inverse=True)
+        entry = (codes.token // hw) * m + codes.concept
+        sel = np.nonzero(np.isin(entry, uniq))[0]
+        maps_nt = np.zeros((uniq.size, hw), np.float32)
+        maps_nt[np.searchsorted(uniq, entry[sel]), codes.token[sel] % hw] = codes.value[sel]
+        maps_nhw = maps_nt.astype(np.float16).reshape(uniq.size, *self.grid)
+        for j, u in zip(pick, inv.tolist(), strict=True):
+            self.maps[(int(conc[j]), int(keys[j]))] = maps_nhw[u]
 
     def top_map(self, i: int, rank: int) -> np.ndarray | None:
         """Concept i's activation map (H, W) over the image of its rank-th top patch, if kept."""
@@ -347,6 +418,8 @@ class ConceptStats:
         self.tokens += other.tokens
         self.images += other.images
         self.seconds += other.seconds
+        for k, v in other.stage_seconds.items():
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
         self.count_m += other.count_m
         self.cooc_mm += other.cooc_mm
         have = other.top_key_mn >= 0
@@ -435,15 +508,22 @@ def partial_stats(reader: CacheReader, shards: Iterable[int], sae: MatryoshkaSAE
     encoder = ImageEncoder(sae)
     offsets = shard_image_offsets(reader)
     per_chunk = max(1, chunk_tokens // (grid[0] * grid[1]))
+    spent = stats.stage_seconds
     for s in shards:
+        t_read = time.perf_counter()
         ids, feats = reader.read_shard(reader.manifest.shards[s])
         keep = [j for j, x in enumerate(ids)
                 if split is None or split == "all" or (split == "val") == is_validation(x, val_fraction)]
+        spent["read"] = spent.get("read", 0.0) + time.perf_counter() - t_read
         for c in range(0, len(keep), per_chunk):
             rows = keep[c : c + per_chunk]
-            z_bhwm = encoder(feats[rows])
-            stats.add_chunk(z_bhwm, [offsets[s] + j for j in rows], [ids[j] for j in rows])
+            t_enc = time.perf_counter()
+            codes = encoder(feats[rows])
+            spent["encode"] = spent.get("encode", 0.0) + time.perf_counter() - t_enc
+            stats.add_codes(codes, [offsets[s] + j for j in rows], [ids[j] for j in rows])
+    t_prune = time.perf_counter()
     stats.prune()
+    spent["top"] = spent.get("top", 0.0) + time.perf_counter() - t_prune
     stats.seconds = time.perf_counter() - t0
     return stats
 
