@@ -124,6 +124,33 @@ def test_encode_grid_matches_encode() -> None:
     maps = sae.encode_grid(acts, max_rows=7)
     assert maps.shape == (2, 3, 5, 64)
     assert torch.allclose(maps.reshape(-1, 64), sae.encode(acts.reshape(-1, 16)), atol=1e-6)
+    assert torch.equal(sae.encode_grid(acts, max_rows=4), maps)  # blocks written straight into the result
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_encode_equals_the_formula(dtype: torch.dtype) -> None:
+    """encode (folded bias, in-place threshold) and encode_sparse (blocked, never dense) give
+    relu((x - b_dec) W_enc + b_enc) * 1[. > theta], the straightforward formula."""
+    sae = perturbed_sae(d=16, m=64).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 16, generator=gen, dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+        pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        want = pre * (pre > sae.threshold)
+        z = sae.encode(x)
+        codes = sae.encode_sparse(x, block_rows=7)  # blocks that do not divide the batch
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    clear = (pre - 0.3).abs() > tol  # entries whose side of theta rounding cannot flip
+    assert int(clear.sum()) > 0.9 * pre.numel() and int((want[clear] > 0).sum()) > 50
+    assert torch.equal((z != 0)[clear], (want != 0)[clear])
+    assert torch.allclose(z, want, atol=tol, rtol=0)
+    assert codes.batch_size == 50 and codes.n_concepts == 64
+    assert torch.equal(codes.to_dense() != 0, z != 0)  # same support as encode
+    assert torch.allclose(codes.to_dense(), z, atol=tol, rtol=0)
+    flat = codes.batch_idx * 64 + codes.concept_idx
+    assert bool((flat[1:] > flat[:-1]).all())  # sorted by (row, concept), like training codes
+    assert sae.encode_sparse(x[:0]).nnz == 0
 
 
 # ---------------------------------------------------------------- decode

@@ -167,6 +167,11 @@ class MatryoshkaSAE(nn.Module):
     the first EMA update) and ``tokens_since_fired`` (per concept, for AuxK).
     """
 
+    # Rows per block of :meth:`encode_sparse`. Bounds its scratch memory (2048 x 8192
+    # floats = 64 MB); smaller blocks cost matmul efficiency (the weights are
+    # repacked per call: 256-row blocks measured ~10 % slower than 2048 on CPU).
+    SPARSE_BLOCK_ROWS = {"cpu": 2048, "cuda": 8192}
+
     def __init__(
         self,
         d_in: int,
@@ -249,17 +254,19 @@ class MatryoshkaSAE(nn.Module):
 
     # ----------------------------------------------------------------- encode
 
-    def pre_acts(self, x_bd: Tensor) -> Tensor:
-        """(B, M) encoder pre-activations (x - b_dec) W_enc + b_enc, before ReLU.
+    def folded_bias(self) -> Tensor:
+        """(M,) b_enc - b_dec W_enc, so that (x - b_dec) W_enc + b_enc = x W_enc + folded_bias.
 
-        Computed as [x, 1] @ [W_enc; b_enc - b_dec W_enc]: the bias rides in the
-        matmul instead of costing an extra pass over the (B, M) output (~7 %
-        of the encoder time measured here).
+        Folding the pre-encoder bias subtraction into the bias turns the
+        pre-activations into one ``addmm``: no (B, D) centred copy of x, and
+        the bias is added inside the matmul instead of by another pass over
+        the (B, M) output. Costs one (D, M) matrix-vector product per call.
         """
-        bias_m = torch.addmv(self.b_enc, self.W_enc.t(), self.b_dec, alpha=-1.0)
-        w_aug = torch.cat([self.W_enc, bias_m.unsqueeze(0)], 0)
-        x_aug = torch.cat([x_bd, x_bd.new_ones(x_bd.shape[0], 1)], 1)
-        return x_aug @ w_aug
+        return torch.addmv(self.b_enc, self.W_enc.t(), self.b_dec, alpha=-1.0)
+
+    def pre_acts(self, x_bd: Tensor) -> Tensor:
+        """(B, M) encoder pre-activations (x - b_dec) W_enc + b_enc, before ReLU (one addmm)."""
+        return torch.addmm(self.folded_bias(), x_bd, self.W_enc)
 
     def encode_batchtopk(self, x_bd: Tensor, k: int | None = None, *, keep_pre_acts: bool = True) -> SparseCodes:
         """Training sparsity: the k*B largest ReLU'd pre-activations over the whole batch.
@@ -303,23 +310,81 @@ class MatryoshkaSAE(nn.Module):
         )
         return codes
 
+    @torch.no_grad()
     def encode(self, x_bd: Tensor) -> Tensor:
-        """Inference codes (B, M): z * 1[pre > theta] with the learned threshold.
+        """Inference codes (B, M): z * 1[pre > theta] with the learned threshold (no autograd).
 
-        Before the threshold has been learned (theta < 0, fewer than
-        ``threshold_start_step`` steps), falls back to BatchTopK with k.
+        One addmm (bias folded in, see :meth:`folded_bias`) and one in-place
+        ``threshold_`` over its output: the only (B, M) tensor is the result.
+        Equal to relu((x - b_dec) W_enc + b_enc) * 1[. > theta] up to float
+        rounding (theta >= 0, so the ReLU is implied). Before the threshold has
+        been learned (theta < 0, fewer than ``threshold_start_step`` steps),
+        falls back to BatchTopK with k.
         """
-        if float(self.threshold) < 0:
+        theta = float(self.threshold)
+        if theta < 0:
             return self.encode_batchtopk(x_bd, keep_pre_acts=False).to_dense()
-        pre_bm = self.pre_acts(x_bd)
-        return pre_bm * (pre_bm > self.threshold)
+        return torch.threshold_(self.pre_acts(x_bd), theta, 0.0)
 
+    @torch.no_grad()
+    def encode_sparse(self, x_bd: Tensor, block_rows: int | None = None) -> SparseCodes:
+        """The nonzero entries of :meth:`encode` (theta >= 0), without a dense (B, M) result.
+
+        Rows are encoded ``block_rows`` at a time into one reused (block, M)
+        buffer of pre-activations; each block's entries above theta are found
+        once (one compare and one ``nonzero``) and gathered, so memory stays
+        O(block * M + nnz) and no dense codes are written (the unfused path
+        wrote them, then scanned them for nonzeros). Entries are sorted by
+        (row, concept), like the training codes. Not differentiable.
+        """
+        theta = float(self.threshold)
+        if theta < 0:
+            raise ValueError("encode_sparse needs a learned threshold (theta >= 0); use encode_batchtopk before it")
+        batch = x_bd.shape[0]
+        if block_rows is None:
+            block_rows = self.SPARSE_BLOCK_ROWS.get(x_bd.device.type, 4096)
+        block_rows = max(1, min(int(block_rows), batch))
+        bias = self.folded_bias()
+        buf = x_bd.new_empty(block_rows, self.n_concepts)
+        rows, concepts, values = [], [], []
+        for start in range(0, batch, block_rows):
+            xb = x_bd[start : start + block_rows]
+            pre = torch.addmm(bias, xb, self.W_enc, out=buf[: xb.shape[0]]).view(-1)
+            flat = (pre > theta).nonzero().squeeze(1)
+            values.append(pre[flat])
+            r = flat // self.n_concepts
+            concepts.append(flat - r * self.n_concepts)
+            rows.append(r + start)
+        empty = torch.zeros(0, dtype=torch.long, device=x_bd.device)
+        values_n = torch.cat(values) if values else x_bd.new_zeros(0)
+        return SparseCodes(
+            values=values_n,
+            batch_idx=torch.cat(rows) if rows else empty,
+            concept_idx=torch.cat(concepts) if concepts else empty,
+            batch_size=batch,
+            n_concepts=self.n_concepts,
+            min_kept=values_n.min() if values_n.numel() else values_n.new_zeros(()),
+        )
+
+    @torch.no_grad()
     def encode_grid(self, acts_bhwd: Tensor, max_rows: int = 16384) -> Tensor:
-        """Concept maps (B, H, W, M) of a patch grid, encoded ``max_rows`` patches at a time."""
+        """Concept maps (B, H, W, M) of a patch grid, encoded ``max_rows`` patches at a time.
+
+        Each block is written straight into the result (no list of parts to
+        concatenate, so peak memory is the result itself).
+        """
         b, h, w, d = acts_bhwd.shape
         x_nd = acts_bhwd.reshape(-1, d)
-        parts = [self.encode(x_nd[i : i + max_rows]) for i in range(0, x_nd.shape[0], max_rows)]
-        z_nm = torch.cat(parts, 0) if parts else x_nd.new_zeros(0, self.n_concepts)
+        if float(self.threshold) < 0:
+            parts = [self.encode(x_nd[i : i + max_rows]) for i in range(0, x_nd.shape[0], max_rows)]
+            z_nm = torch.cat(parts, 0) if parts else x_nd.new_zeros(0, self.n_concepts)
+            return z_nm.view(b, h, w, self.n_concepts)
+        theta = float(self.threshold)
+        bias = self.folded_bias()
+        z_nm = x_nd.new_empty(x_nd.shape[0], self.n_concepts)
+        for i in range(0, x_nd.shape[0], max_rows):
+            block = torch.addmm(bias, x_nd[i : i + max_rows], self.W_enc, out=z_nm[i : i + max_rows])
+            torch.threshold_(block, theta, 0.0)
         return z_nm.view(b, h, w, self.n_concepts)
 
     def forward(self, x_bd: Tensor) -> SparseCodes:
