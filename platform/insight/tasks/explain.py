@@ -108,6 +108,9 @@ def encode_sparse(sae, x_pd: Tensor, chunk: int = 2048) -> PatchCodes:
     is 64 MB, while a whole image's dense codes could be gigabytes.
     """
     x_pd = x_pd.to(sae.W_dec.device, sae.W_dec.dtype)
+    if float(sae.threshold) >= 0:  # threshold inference: fused, the dense codes are never written
+        c = sae.encode_sparse(x_pd)
+        return PatchCodes(c.batch_idx, c.concept_idx, c.values, c.batch_size, c.n_concepts)
     parts = [PatchCodes.from_dense(sae.encode(x_pd[i : i + chunk])) for i in range(0, len(x_pd), chunk)]
     if not parts:
         empty = torch.zeros(0, dtype=torch.long)
