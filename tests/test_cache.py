@@ -145,3 +145,30 @@ def test_manifest_is_plain_json(tiny_cache):
     _, result = tiny_cache
     m = json.loads((Path(result["cache"]) / "manifest.json").read_text())
     assert m["num_tokens"] == result["tokens"] and all(len(s["sha256"]) == 64 for s in m["shards"])
+
+
+def test_shards_hold_the_backbones_features_and_stage_times(tiny_cache):
+    """What the pipelined replica wrote (two shards in flight, next batch prepared on a helper thread,
+    forward output copied once into the stored dtype) is what the backbone gives for those pixels."""
+    import torch
+
+    from insight.backbones import build_backbone
+    from insight.data import build_dataset
+    from insight.data.datasets import load_image
+    from insight.data.transforms import Preprocessor
+
+    cfg, result = tiny_cache
+    reader = CacheReader(result["cache"])
+    got = dict(reader.iter_images())
+    bb = build_backbone(cfg.backbone, device="cpu")
+    pre = Preprocessor(bb.image_size, bb.mean, bb.std, cfg.data.augment)
+    rec = {r.image_id: r for r in build_dataset(cfg.data, cfg.workdir).records}["chelsea"]
+    rgb, _ = load_image(rec.path)
+    x = torch.from_numpy(np.stack([pre(rgb, "chelsea", v) for v in (0, 3)]))
+    want = bb.encode_patches(x).numpy()
+    np.testing.assert_allclose(got["chelsea"], want[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["chelsea#v3"], want[1], rtol=1e-4, atol=1e-5)
+    for side in (Path(result["cache"]) / "shards").glob("*.json"):
+        s = json.loads(side.read_text())
+        assert s["stages"]["forward"] > 0 and s["stages"]["decode"] > 0 and s["stages"]["write"] > 0
+        assert s["span"][1] >= s["span"][0] and s["replica"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -100,6 +101,12 @@ class ShardWorker:
         self.token = token  # the run's hold on the folder: see insight.cache.lock
         self._model = threading.Lock()
         self.init_s = time.perf_counter() - t0
+        try:  # which node and process did the work (the scale-out benchmark checks the placement)
+            import ray
+
+            self.replica = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
+        except Exception:  # noqa: BLE001 - outside Ray (a direct call)
+            self.replica = f"local:{os.getpid()}"
 
     def _prepare(self, items: list[dict], last: dict[str, Any], t: dict[str, float]):
         """Decode (once per image, its views share it) and augment ``items`` -> (ids, indices, NCHW, skipped)."""
@@ -178,7 +185,7 @@ class ShardWorker:
             t["write"] = time.perf_counter() - t1
             side = {"info": asdict(info), "skipped": skipped, "seconds": time.perf_counter() - t0,
                     "stages": {k: round(v, 4) for k, v in t.items()}, "span": [begun, time.time()],
-                    "replica_init_s": round(self.init_s, 3)}
+                    "replica_init_s": round(self.init_s, 3), "replica": self.replica}
             atomic_write(self.fs, join(self.path, "shards", name.replace(".parquet", ".json")),
                          json.dumps(side).encode(), guard=guard)
             out["shard"].append(int(shard))
