@@ -2,9 +2,16 @@
 
 One run, one machine, loopback only:
 
-1. latency: one client for T seconds, alternating a served request and the
-   same work in-process (decode, centre view, model, render, JSON) -> served
-   p50/p95/p99, in-process p50; overhead ratio = served p50 / in-process p50;
+1. latency: one client for T seconds, alternating a served request, the
+   same work in-process (decode, centre view, model, render, JSON) and a
+   ``GET /healthz`` -> served p50/p95/p99, in-process p50; overhead ratio =
+   served p50 / in-process p50. Where the served time goes: the medians of
+   the stages the ingress reports in its ``Server-Timing`` header (read,
+   decode, model call, of it the model replica's time and its compute,
+   render, JSON, the app's whole time), the in-process stages, and what is
+   left outside the app (the client, the HTTP proxy and its hop to the
+   ingress replica; ``/healthz``, which never calls the model, is that
+   floor);
 2. load: N concurrent clients, T seconds with ``serve.max_batch_size``
    batching and T seconds with max_batch_size 1, in alternating rounds
    (changed in place through the deployment's user_config, no model reload)
@@ -67,55 +74,100 @@ def images(size: int) -> list[bytes]:
     return [sample_png(n, size or None) for n in ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse")]
 
 
-def interleaved_latency(url: str, engine, payloads: list[bytes], seconds: float, top_k: int) -> tuple[dict, dict]:
-    """One client: a served request, then the same work in-process, alternately, for ``seconds``.
+def server_timing(header: str) -> dict[str, float]:
+    """``name;dur=1.23, ...`` -> {name: ms}."""
+    out = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            out[name] = float(rest[4:])
+    return out
 
-    Alternating puts both under the same machine load (this machine is shared), so the ratio
+
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: round(float(np.median([r[k] for r in rows if k in r])), 2) for k in sorted(keys)}
+
+
+def interleaved_latency(url: str, engine, payloads: list[bytes], seconds: float, top_k: int,
+                        fmt: str) -> tuple[dict, dict, dict]:
+    """One client: a served request, the same work in-process and a ``/healthz``, in turn, for ``seconds``.
+
+    Alternating puts all under the same machine load (this machine is shared), so the ratio
     compares like with like. In-process = decode -> view -> model -> render -> JSON, exactly
     the ingress's and the replica's work without Serve in between.
+    Returns (served, in-process, breakdown): the breakdown holds the median of each stage.
     """
     import httpx
     from serve.images import center_view, decode_image
 
     from serve import render
 
-    def local(data: bytes) -> bytes:
+    def local(data: bytes) -> tuple[bytes, dict[str, float]]:
+        t0 = time.perf_counter()
         img = decode_image(data, 40_000_000, engine.image_size)
         view = center_view(img, engine.image_size)
+        t1 = time.perf_counter()
         raw = engine.explain_batch([view.pixels], [top_k])[0]
-        return json.dumps({"concepts": render.explain_answer(raw, "png"), "view": view.box}).encode()
+        t2 = time.perf_counter()
+        answer = {"concepts": render.explain_answer(raw, fmt), "view": view.box}
+        if fmt == "packed":
+            answer["heatmaps"] = render.packed_heatmaps(raw.maps)
+        t3 = time.perf_counter()
+        body = json.dumps(answer).encode()
+        t4 = time.perf_counter()
+        return body, {"decode": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3, "compute": raw.compute_ms,
+                      "render": (t3 - t2) * 1e3, "json": (t4 - t3) * 1e3}
 
-    served_lat, local_lat, errors = [], [], 0
+    served_lat, local_lat, health_lat, errors = [], [], [], 0
+    stages, local_stages, outside = [], [], []
     with httpx.Client(base_url=url, timeout=60) as c:
-        def remote(data: bytes) -> bool:
+        def remote(data: bytes) -> dict[str, float] | None:
             try:
-                r = c.post(f"/v1/explain?top_k={top_k}", content=data, headers={"Content-Type": "image/png"})
-                return r.status_code == 200
+                r = c.post(f"/v1/explain?top_k={top_k}&format={fmt}", content=data,
+                           headers={"Content-Type": "image/png"})
+                return server_timing(r.headers.get("server-timing", "")) if r.status_code == 200 else None
             except httpx.HTTPError:
-                return False
+                return None
 
         for data in payloads:  # warm-up both paths
             remote(data)
             local(data)
+            c.get("/healthz")
         i, t_end = 0, time.perf_counter() + seconds
         while time.perf_counter() < t_end:
             data = payloads[i % len(payloads)]
             t0 = time.perf_counter()
-            ok = remote(data)
+            timing = remote(data)
             t1 = time.perf_counter()
-            local(data)
+            local_stages.append(local(data)[1])
             t2 = time.perf_counter()
-            if ok:
+            health_ok = c.get("/healthz").status_code == 200
+            t3 = time.perf_counter()
+            if timing is not None:
                 served_lat.append(t1 - t0)
+                stages.append(timing)
+                if "app" in timing:
+                    outside.append((t1 - t0) * 1e3 - timing["app"])
             else:
                 errors += 1
+            if health_ok:
+                health_lat.append(t3 - t2)
             local_lat.append(t2 - t1)
             i += 1
     served = {**percentiles(served_lat), "requests": len(served_lat), "errors": errors}
-    return served, {**percentiles(local_lat), "requests": len(local_lat)}
+    served_stages = medians(stages)
+    if "model" in served_stages and "replica" in served_stages:  # the handle call's own cost, per request
+        served_stages["handle"] = round(float(np.median([s["model"] - s["replica"] for s in stages
+                                                          if "model" in s and "replica" in s])), 2)
+    breakdown = {"served_stages_ms": served_stages,
+                 "outside_app_ms": round(float(np.median(outside)), 2) if outside else None,
+                 "healthz_p50_ms": percentiles(health_lat)["p50_ms"],
+                 "in_process_stages_ms": medians(local_stages)}
+    return served, {**percentiles(local_lat), "requests": len(local_lat)}, breakdown
 
 
-async def load(url: str, payloads: list[bytes], clients: int, seconds: float, top_k: int) -> dict:
+async def load(url: str, payloads: list[bytes], clients: int, seconds: float, top_k: int, fmt: str) -> dict:
     """``clients`` concurrent keep-alive clients posting raw PNGs for ``seconds``."""
     import httpx
 
@@ -130,7 +182,7 @@ async def load(url: str, payloads: list[bytes], clients: int, seconds: float, to
             while time.perf_counter() < t_end:
                 t0 = time.perf_counter()
                 try:
-                    r = await c.post(f"/v1/explain?top_k={top_k}", content=payloads[i % len(payloads)],
+                    r = await c.post(f"/v1/explain?top_k={top_k}&format={fmt}", content=payloads[i % len(payloads)],
                                      headers={"Content-Type": "image/png"})
                     ok = r.status_code == 200
                 except httpx.HTTPError:
@@ -142,7 +194,7 @@ async def load(url: str, payloads: list[bytes], clients: int, seconds: float, to
                 i += 1
 
         for k in range(clients):  # warm-up: one request per client connection
-            await c.post(f"/v1/explain?top_k={top_k}", content=payloads[k % len(payloads)],
+            await c.post(f"/v1/explain?top_k={top_k}&format={fmt}", content=payloads[k % len(payloads)],
                          headers={"Content-Type": "image/png"})
         t0 = time.perf_counter()
         t_end = t0 + seconds
@@ -171,9 +223,12 @@ def main() -> None:
                          "(14x14 grid, D=512, M=4096), i.e. the reference model's compute without its weights.")
     ap.add_argument("--size", type=int, default=0, help="Long side of the request images (0: as bundled, ~512 px).")
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--format", choices=("packed", "png", "raw"), default="packed",
+                    help="Heatmap format asked for (served and in-process alike); packed is the API's default.")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray.")
+    ap.add_argument("--latency-only", action="store_true", help="Only the 1-client latency phase (no load phases).")
     args = ap.parse_args()
     clients = args.clients or (4 if args.quick else 8)
     seconds = args.seconds or (4.0 if args.quick else 15.0)
@@ -212,35 +267,41 @@ def main() -> None:
         say(f"setup {setup_s:.1f}s; load average {load_start}")
         engine = Engine(ModelLoader(model, args.tracking_uri)(), threads=1)
 
-        served_1, local = interleaved_latency(url, engine, payloads, seconds, args.top_k)
+        served_1, local, breakdown = interleaved_latency(url, engine, payloads, seconds, args.top_k, args.format)
         say("served, 1 client:", served_1)
         say("in-process (interleaved with it):", local)
+        say("where the time goes (medians, ms):", breakdown)
         # Batched and unbatched load in alternating rounds (user_config changes in place, the model
         # stays loaded), so a change of the machine's load hits both alike.
         runs: dict[int, list[dict]] = {args.max_batch_size: [], 1: []}
-        for _ in range(rounds):
+        for _ in range(0 if args.latency_only else rounds):
             for mbs in (args.max_batch_size, 1):
                 deploy(mbs)
-                runs[mbs].append(asyncio.run(load(url, payloads, clients, seconds / rounds, args.top_k)))
-        batched, unbatched = merge(runs[args.max_batch_size]), merge(runs[1])
-        say(f"served, {clients} clients, max_batch_size {args.max_batch_size}:", batched)
-        say(f"served, {clients} clients, max_batch_size 1:", unbatched)
+                runs[mbs].append(asyncio.run(load(url, payloads, clients, seconds / rounds, args.top_k, args.format)))
+        if not args.latency_only:
+            batched, unbatched = merge(runs[args.max_batch_size]), merge(runs[1])
+            say(f"served, {clients} clients, max_batch_size {args.max_batch_size}:", batched)
+            say(f"served, {clients} clients, max_batch_size 1:", unbatched)
     finally:
         serve.shutdown()
         ray.shutdown()
 
     result = {
         "endpoint": "/v1/explain", "model": args.model or args.profile, "image_px": args.size or "bundled",
-        "top_k": args.top_k, "seconds_per_phase": seconds, "clients": clients,
+        "top_k": args.top_k, "format": args.format, "seconds_per_phase": seconds, "clients": clients,
         "served_1_client": served_1, "in_process": local,
-        "overhead_ratio": round(served_1["p50_ms"] / local["p50_ms"], 3),
-        "served_load": {**batched, "max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s},
-        "served_load_unbatched": unbatched,
-        "batching_gain": round(batched["throughput_rps"] / max(unbatched["throughput_rps"], 1e-9), 3),
-        "errors": served_1["errors"] + batched["errors"] + unbatched["errors"], "rounds": rounds,
-        "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "cpus": os.cpu_count(), "setup_s": round(setup_s, 1),
+        "overhead_ratio": round(served_1["p50_ms"] / local["p50_ms"], 3), "breakdown": breakdown,
+        "errors": served_1["errors"], "load_average_start": load_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+        "setup_s": round(setup_s, 1),
     }
+    if not args.latency_only:
+        result.update({
+            "served_load": {**batched, "max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s},
+            "served_load_unbatched": unbatched,
+            "batching_gain": round(batched["throughput_rps"] / max(unbatched["throughput_rps"], 1e-9), 3),
+            "errors": served_1["errors"] + batched["errors"] + unbatched["errors"], "rounds": rounds,
+        })
     print(json.dumps(result), flush=True)
 
 

@@ -213,6 +213,7 @@ class Guard:
             await send(message)
 
         counted = [0]
+        scope.setdefault("state", {})["t_arrived"] = time.perf_counter()  # Server-Timing's "app" starts here
         try:
             async with asyncio.timeout(self.deadline):
                 await self.app(scope, counted_receive, tracked_send)
@@ -502,11 +503,22 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
         finally:
             await decodes.give(head.decode_bytes)
 
+    def decode_view(data: bytes) -> tuple[dict[str, Any], Any]:
+        img = decode_image(data, limits.max_pixels, image_size, max_aspect=limits.max_aspect,
+                           max_jpeg_scans=limits.max_jpeg_scans)
+        return {"width": img.width, "height": img.height, "format": img.format}, center_view(img, image_size)
+
     async def view_of(data: bytes) -> tuple[dict[str, Any], Any]:
-        """(the upload's width/height/format, the model's view) with the decode's memory released."""
-        async with decoded(data, image_size) as img:
-            return ({"width": img.width, "height": img.height, "format": img.format},
-                    await asyncio.to_thread(center_view, img, image_size))
+        """(the upload's width/height/format, the model's view) with the decode's memory released.
+
+        Decode and view in one worker-thread call: each hand-off to a thread and back costs a
+        wake-up, which on a busy machine is milliseconds."""
+        head = inspect_image(data, limits.max_pixels, limits.max_aspect, limits.max_jpeg_scans)
+        await decodes.take(head.decode_bytes)
+        try:
+            return await asyncio.to_thread(decode_view, data)
+        finally:
+            await decodes.give(head.decode_bytes)
 
     # -------------------------------------------------------------- routes
 
@@ -526,13 +538,21 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
 
     @app.post("/v1/explain", response_model=ExplainAnswer, tags=["explain"], openapi_extra=_image_body(ExplainBody))
     async def explain(request: Request, top_k: int | None = Query(None, description="Concepts to list (default 8)."),
-                      format: str | None = Query(None, pattern="^(png|raw)$", description="png or raw heatmaps."),
+                      format: str | None = Query(None, pattern="^(packed|png|raw)$",
+                                                 description="Heatmaps as one packed uint8 array (default), "
+                                                 "a PNG per concept, or raw arrays."),
                       ) -> JSONResponse:
-        """The image's top concepts: names, scores, level, hierarchy path and a heatmap each."""
+        """The image's top concepts: names, scores, level, hierarchy path and a heatmap each.
+
+        The answer's ``Server-Timing`` header says where this replica's time went (ms): ``read``
+        (body, parsing), ``decode`` (image and view), ``model`` (the call to the model replica:
+        ``replica`` inside it, ``compute`` of that the model itself), ``render`` (heatmaps),
+        ``json`` and ``app`` (from the request's arrival in the app to its encoded answer)."""
         t0 = time.perf_counter()
         data, fields = await parse_image_request(request, ExplainBody, limits)
         k = check_top_k(fields.get("top_k", top_k), DEFAULT_TOP_K, limits.max_top_k)
-        fmt = fields.get("format", format) or "png"
+        fmt = fields.get("format", format) or "packed"
+        t_read = time.perf_counter()
         meta, view = await view_of(data)
         del data
         t1 = time.perf_counter()
@@ -547,10 +567,20 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
             "concepts": render.explain_answer(raw, fmt),
             "fidelity": _fidelity(raw, info),
         }
+        if fmt == "packed":
+            answer["heatmaps"] = render.packed_heatmaps(raw.maps)
+        t3 = time.perf_counter()
         answer["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2), "model": round((t2 - t1) * 1e3, 2),
-                               "compute": round(raw.compute_ms, 2),
-                               "total": round((time.perf_counter() - t0) * 1e3, 2)}
-        return JSONResponse(answer)
+                               "compute": round(raw.compute_ms, 2), "total": round((t3 - t0) * 1e3, 2)}
+        response = JSONResponse(answer)
+        t4 = time.perf_counter()
+        arrived = request.scope.get("state", {}).get("t_arrived", t0)
+        stages = {"read": t_read - t0, "decode": t1 - t_read, "model": t2 - t1,
+                  "replica": raw.replica_ms / 1e3, "compute": raw.compute_ms / 1e3, "render": t3 - t2,
+                  "json": t4 - t3, "app": t4 - arrived}
+        response.headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1e3:.2f}" for name, sec in stages.items()
+                                                      if math.isfinite(sec))
+        return response
 
     @app.post("/v1/segment", tags=["tasks"], openapi_extra=_image_body(SegmentBody))
     async def segment(request: Request, top_k: int | None = Query(None, description="Concepts per segment."),

@@ -50,3 +50,4 @@ class ExplainRaw:
     compute_ms: float
     concepts: list[dict[str, Any]]  # per id: name, label, level and the root..concept path
     fvu: float = float("nan")  # sum |x - x^|^2 / sum |x - mean x|^2 over the view's patches
+    replica_ms: float = float("nan")  # the model replica's time on this request (queue, batching, compute)

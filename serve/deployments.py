@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -69,14 +70,18 @@ class InsightModel:
         return True
 
     async def explain(self, view: Any, top_k: int) -> ExplainRaw:
+        t0 = time.perf_counter()
         idle = self._inflight == 0
         self._inflight += 1
         try:
             if idle:
-                return (await self._run(self.engine.explain_batch, [view], [top_k]))[0]
-            return await self._explain_batched((view, top_k))
+                raw = (await self._run(self.engine.explain_batch, [view], [top_k]))[0]
+            else:
+                raw = await self._explain_batched((view, top_k))
         finally:
             self._inflight -= 1
+        raw.replica_ms = (time.perf_counter() - t0) * 1e3  # the ingress's Server-Timing reports it
+        return raw
 
     @serve.batch(max_batch_size=_serve_default("max_batch_size"), batch_wait_timeout_s=_serve_default("batch_wait_s"))
     async def _explain_batched(self, items: list[tuple[Any, int]]) -> list[ExplainRaw]:
@@ -98,19 +103,27 @@ class InsightModel:
 
 
 class HandleBackend:
-    """serve.api's Backend over a deployment handle to InsightModel."""
+    """serve.api's Backend over a deployment handle to InsightModel.
+
+    Explain and classify send one model-sized view (at most ``image_size``^2 x 3 bytes) and get a
+    small answer back: they go straight to the replica's gRPC server (``_by_reference=False``)
+    instead of through Ray's object store and actor calls, which measured 2-3 ms less per request
+    on a loaded 2-core machine (docs/benchmarks.md, Serving). Segmentation sends the whole image,
+    which can pass gRPC's 4 MB message limit, so it stays on Ray's path.
+    """
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.h = handle
+        self.direct = handle.options(_by_reference=False)
 
     async def explain(self, view: Any, top_k: int) -> ExplainRaw:
-        return await self.h.explain.remote(view, top_k)
+        return await self.direct.explain.remote(view, top_k)
 
     async def segment(self, image: Any, classes: list[str], top_k: int) -> dict[str, Any]:
         return await self.h.segment.remote(image, classes, top_k)
 
     async def classify(self, view: Any, classes: list[str] | None, top_k: int) -> dict[str, Any]:
-        return await self.h.classify.remote(view, classes, top_k)
+        return await self.direct.classify.remote(view, classes, top_k)
 
     async def concepts_page(self, q: str | None, level: int | None, offset: int, limit: int) -> dict[str, Any]:
         return await self.h.concepts_page.remote(q, level, offset, limit)

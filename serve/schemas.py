@@ -19,7 +19,9 @@ class _Body(BaseModel):
 class ExplainBody(_Body):
     image_b64: str = Field(..., description="The image (PNG, JPEG, WebP, GIF, BMP, TIFF) as base64 or a data: URL.")
     top_k: int | None = Field(None, description="How many concepts (default 8, at most serve.max_top_k).")
-    format: Literal["png", "raw"] | None = Field(None, description="png: heatmaps as base64 PNGs; raw: arrays.")
+    format: Literal["packed", "png", "raw"] | None = Field(
+        None, description="packed (default): all heatmaps as one base64 uint8 array (`heatmaps`); png: a base64 "
+        "PNG per concept; raw: float arrays per concept.")
 
 
 class SegmentBody(_Body):
@@ -57,8 +59,15 @@ class ExplainedConcept(ConceptRef):
     score: float = Field(..., description="Peak activation over the patches.")
     mean: float
     area: float = Field(..., description="Fraction of patches where it fires.")
-    heatmap_png: str | None = Field(None, description="RGBA PNG, base64, one pixel per patch, over `view`.")
+    heatmap_png: str | None = Field(None, description="format=png: RGBA PNG, base64, one pixel per patch, over `view`.")
     heatmap: list[list[float]] | None = Field(None, description="format=raw: activations on the patch grid.")
+
+
+class PackedHeatmaps(BaseModel):
+    dtype: Literal["uint8"]
+    shape: list[int] = Field(..., description="[k, H, W]: one map per listed concept, in the order of `concepts`.")
+    scale: list[float] = Field(..., description="Per concept: activation = level * scale (each map's peak / 255).")
+    data: str = Field(..., description="base64 of the k*H*W uint8 levels, C order.")
 
 
 class ExplainAnswer(BaseModel):
@@ -68,6 +77,7 @@ class ExplainAnswer(BaseModel):
     grid: list[int]
     format: str
     concepts: list[ExplainedConcept]
+    heatmaps: PackedHeatmaps | None = Field(None, description="format=packed (the default): every concept's heatmap.")
     fidelity: dict[str, float] = Field(..., description="How well the concepts reconstruct this view: mean per-patch "
                                        "cosine(x, x^), FVU and active concepts per patch (l0); val_cosine/val_fvu: "
                                        "the same on images held out from training.")

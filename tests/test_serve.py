@@ -91,7 +91,7 @@ def test_explain_matches_the_model_in_process(served, client, image):
     from serve.engine import Engine, ModelLoader
     from serve.images import center_view, decode_image
 
-    r = client.post("/v1/explain", files={"image": ("a.png", image, "image/png")}, data={"top_k": "6"})
+    r = client.post("/v1/explain", files={"image": ("a.png", image, "image/png")}, data={"top_k": "6", "format": "png"})
     assert r.status_code == 200, r.text
     a = r.json()
     assert a["model"]["uri"] == "models:/insight/1" and a["format"] == "png" and a["grid"] == [7, 7]
@@ -142,6 +142,39 @@ def test_explain_json_raw_and_raw_body_agree(client, image):
                      "JPEG")
     r = client.post("/v1/explain", content=jpeg, headers={"Content-Type": "application/octet-stream"})
     assert r.status_code == 200 and r.json()["image"]["format"] == "JPEG"
+
+
+def test_explain_packed_heatmaps_are_the_png_levels_and_the_raw_maps(client, image):
+    """The default answer packs every heatmap into one uint8 array: decoded, it is the raw activation
+    map within half a level, and exactly the level each PNG pixel is coloured by; its size is k*H*W."""
+    from PIL import Image
+    from serve.render import _lut, unpack_heatmaps
+
+    packed = client.post("/v1/explain?top_k=5", content=image, headers={"Content-Type": "image/png"})
+    png = client.post("/v1/explain?top_k=5&format=png", content=image, headers={"Content-Type": "image/png"}).json()
+    raw = client.post("/v1/explain?top_k=5&format=raw", content=image, headers={"Content-Type": "image/png"}).json()
+    assert packed.status_code == 200, packed.text
+    a = packed.json()
+    k = len(a["concepts"])
+    assert a["format"] == "packed" and k >= 1 and all(set(c) & {"heatmap", "heatmap_png"} == set() for c in a["concepts"])
+    h = a["heatmaps"]
+    assert h["dtype"] == "uint8" and h["shape"] == [k, 7, 7] and len(h["scale"]) == k
+    assert len(base64.b64decode(h["data"])) == k * 7 * 7  # bounded: one byte per patch and concept
+    assert len(packed.content) < len(json.dumps(png))
+    maps = unpack_heatmaps(h)
+    levels = np.frombuffer(base64.b64decode(h["data"]), np.uint8).reshape(k, 7, 7)
+    assert [c["id"] for c in png["concepts"]] == [c["id"] for c in raw["concepts"]] == [c["id"] for c in a["concepts"]]
+    for j, (c_png, c_raw) in enumerate(zip(png["concepts"], raw["concepts"], strict=True)):
+        exact = np.asarray(c_raw["heatmap"], dtype=np.float32)
+        assert np.abs(maps[j] - exact).max() <= h["scale"][j] / 2 + 1e-5 * c_raw["score"] + 2e-6
+        assert h["scale"][j] * 255 == pytest.approx(c_raw["score"], rel=1e-5, abs=2e-6)  # each map over its own peak
+        rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(c_png["heatmap_png"]))).convert("RGBA"))
+        assert (rgba[..., :3] == _lut()[levels[j]]).all()  # the PNG is coloured by the same level
+    # where the ingress's time went, for clients and the benchmark
+    timing = dict(part.strip().split(";dur=") for part in packed.headers["server-timing"].split(","))
+    timing = {name: float(ms) for name, ms in timing.items()}
+    assert {"read", "decode", "model", "replica", "compute", "render", "json", "app"} <= set(timing)
+    assert min(timing.values()) >= 0 and timing["compute"] <= timing["replica"] <= timing["model"] <= timing["app"]
 
 
 def test_concurrent_requests_are_batched_without_changing_answers(client):

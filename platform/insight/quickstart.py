@@ -45,7 +45,8 @@ def _explain_once(cfg, model_ref: str, tracking_uri: str, image: Path, config_pa
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     try:
         serve.run(app, name="insight", route_prefix="/")
-        body = json.dumps({"image_b64": base64.b64encode(image.read_bytes()).decode("ascii"), "top_k": 5}).encode()
+        body = json.dumps({"image_b64": base64.b64encode(image.read_bytes()).decode("ascii"), "top_k": 5,
+                           "format": "png"}).encode()  # the report draws each concept's heatmap PNG
         req = urllib.request.Request(f"{url}/v1/explain", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             answer = json.loads(resp.read())

@@ -70,6 +70,7 @@ async function explain() {
   const form = new FormData();
   form.append("image", state.file);
   form.append("top_k", $("topk").value || "8");
+  form.append("format", "png");  // one overlay image per concept, which the canvas draws as it is
   try {
     // Both at once, but the server's verdict on the file comes first when both fail.
     const imageP = loadImage(URL.createObjectURL(state.file)).catch((e) => e);
