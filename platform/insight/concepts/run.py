@@ -42,32 +42,6 @@ from insight.atomic import swap_in_folder
 log = logging.getLogger(__name__)
 
 
-def resolve_model_cache(model: Any, cache: str | None, client: Any | None) -> str:
-    """The cache to read: ``--cache``, else the model's ``train.cache``, else its run's ``insight.cache``
-    tag, else the cache named by its ``insight.cache_key`` tag under the model config's cache root, else
-    the (idempotent) extraction of the model's config."""
-    if cache:
-        return cache
-    mcfg = model.config
-    if mcfg.train.cache:
-        return mcfg.train.cache
-    if model.run_id and client is not None:
-        tags = client.get_run(model.run_id).data.tags
-        if tags.get("insight.cache"):
-            return tags["insight.cache"]
-        key = tags.get("insight.cache_key")
-        if key:
-            from insight.cache.format import exists, join, resolve_fs
-
-            location = join(mcfg.path(mcfg.cache.root), key)
-            fs, path = resolve_fs(location)
-            if exists(fs, join(path, "manifest.json")):
-                return location
-    from insight.training.sae import resolve_cache
-
-    return resolve_cache(mcfg)
-
-
 def _groups_of(sae: Any) -> np.ndarray:
     ends = np.asarray(sae.prefix_ends)
     return np.searchsorted(ends, np.arange(sae.n_concepts), side="right")
@@ -103,6 +77,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
 
     from insight import tracking
     from insight.cache import CacheReader
+    from insight.cache.locate import resolve_model_cache
     from insight.concepts.galleries import draw_galleries
     from insight.concepts.hierarchy import build_hierarchy, raw_parents, sparse_rows
     from insight.concepts.naming import decoder_names, family_names, name_spread

@@ -219,9 +219,10 @@ def sweep(cfg, resume: bool = False) -> dict[str, Any]:
 
     from insight import tracking
     from insight.cache import CacheReader
+    from insight.cache.locate import resolve_cache
     from insight.config import config_with
     from insight.runtime import ensure_ray
-    from insight.training.sae import plan_steps, resolve_cache
+    from insight.training.sae import plan_steps
 
     validate_space(cfg)
     cache = resolve_cache(cfg)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -282,24 +281,6 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return best
 
 
-def resolve_cache(cfg) -> str:
-    """The cache this config trains on: ``train.cache`` or the (idempotent) extraction.
-
-    Every shard is checked against the manifest first (``cache.verify``), so a truncated or altered
-    shard fails the step here, naming the shard, before Ray Train or Tune start a worker.
-    """
-    from insight.cache import CacheReader
-
-    if cfg.train.cache:  # absolute: Tune trials run in their own folders
-        location = cfg.train.cache if "://" in cfg.train.cache else os.path.abspath(cfg.train.cache)
-    else:
-        from insight.cache.extract import extract
-
-        location = extract(cfg, progress=False)["cache"]
-    CacheReader(location).check(checksums=cfg.cache.verify == "sha256")
-    return location
-
-
 @contextmanager
 def _shard_errors_named():
     """A shard that goes bad during training fails a Ray Data task inside a worker; re-raise the
@@ -354,6 +335,7 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
 
     from insight import tracking
     from insight.cache import CacheReader
+    from insight.cache.locate import resolve_cache
     from insight.runtime import ensure_ray
 
     if cfg.train.batch_size % cfg.train.num_workers:
