@@ -2,7 +2,7 @@
 
 Args (the ``args:`` of a Serve config file, all optional)::
 
-    model: models:/insight@champion   # or models:/name/version, a run id, a checkpoint folder
+    model: models:/insight@champion   # or insight@champion, models:/name/version, a run id, a checkpoint folder
     tracking_uri: sqlite:///...       # default: the config's tracking.uri, $MLFLOW_TRACKING_URI, workdir db
     config: configs/tiny.yaml         # an Insight config whose `serve:` section applies
     set: ["serve.replicas=2"]         # --set style overrides
@@ -72,9 +72,9 @@ def resolve(args: dict[str, Any] | None) -> tuple[Any, str, str]:
     cfg = load_config(args.get("config"), sets)
     if not cfg.serve.api_key and os.environ.get(API_KEY_ENV):  # a Secret on Kubernetes: never in a config file
         cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key": os.environ[API_KEY_ENV]})})
-    from insight.tracking import champion_ref
+    from insight.models import champion_ref, parse_ref
 
-    ref = str(args.get("model") or champion_ref(cfg))
+    ref = parse_ref(str(args.get("model") or champion_ref(cfg))).uri  # canonical: an absolute folder for replicas
     uri = args.get("tracking_uri") or cfg.tracking.resolved_uri(cfg.workdir)
     return cfg, ref, uri
 
@@ -82,10 +82,10 @@ def resolve(args: dict[str, Any] | None) -> tuple[Any, str, str]:
 def check_model(ref: str, tracking_uri: str) -> None:
     """Fail fast, in the caller, on a model that does not exist (replicas would only retry and log).
 
-    `insight.tracking.check_model`: cheap lookups, no store created, a ValueError naming the ref,
+    `insight.models.check_model`: cheap lookups, no store created, a ValueError naming the ref,
     the store, what exists there and what to run.
     """
-    from insight.tracking import check_model as check
+    from insight.models import check_model as check
 
     check(ref, tracking_uri)
 

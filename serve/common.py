@@ -19,9 +19,9 @@ import numpy as np
 class ModelLoader:
     """Where the model comes from; handed to every replica, which loads it itself.
 
-    ``ref`` is ``models:/name@alias``, ``models:/name/version``, an MLflow run id
-    or a checkpoint folder (`insight.tracking.load_model`). Tests pass a tiny
-    model's folder or their own tracking store.
+    ``ref`` is any form `insight.models.parse_ref` reads (``models:/name@alias``,
+    ``name@alias``, ``models:/name/version``, a run id, a checkpoint folder). Tests
+    pass a tiny model's folder or their own tracking store.
     """
 
     ref: str
@@ -29,7 +29,7 @@ class ModelLoader:
     dst: str | None = None
 
     def __call__(self) -> Any:
-        from insight.tracking import load_model
+        from insight.models import load_model
 
         # Replicas may share ``dst``: each downloads into its own subfolder.
         dst = str(Path(self.dst) / f"replica-{os.getpid()}") if self.dst else None

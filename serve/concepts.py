@@ -141,10 +141,11 @@ class ConceptIndex:
     def from_table(cls, table: Any, ends: list[int], loaded: Any) -> ConceptIndex:
         """From an `insight.concepts.table.ConceptTable` (an iterable of `Concept` rows)."""
         from insight.concepts.galleries import gallery_name
+        from insight.models import CONCEPTS, GALLERIES
 
         groups = cls._group_of(ends)
         rows = [ConceptRow(id=i, level=g, group=g) for i, g in enumerate(groups)]
-        folders = cls._table_folders(loaded)
+        folders = [f / GALLERIES for f in loaded.folders(CONCEPTS)]  # where `LoadedModel.concepts` looks
         named = False
         for rec in table:
             cid = int(_get(rec, "id"))
@@ -167,8 +168,7 @@ class ConceptIndex:
             row.alias_class = int(alias) if alias is not None and 0 <= int(alias) < len(rows) else cid
             row.aliases = [a for a in _ids(_get(rec, "aliases")) if 0 <= a < len(rows) and a != cid][:200]
             row.dense = bool(_get(rec, "dense") or False)
-            row.gallery = next((f / "galleries" / gallery_name(cid) for f in folders
-                                if (f / "galleries" / gallery_name(cid)).is_file()), None)
+            row.gallery = next((f / gallery_name(cid) for f in folders if (f / gallery_name(cid)).is_file()), None)
         from insight.concepts.naming import distinct_labels
 
         labels = distinct_labels([(r.id, r.name, [str(c["name"]) for c in r.candidates], r.frequency)
@@ -176,16 +176,6 @@ class ConceptIndex:
         for cid, lab in labels.items():
             rows[cid].distinct = lab
         return cls(rows, named=named, source="concept table")
-
-    @staticmethod
-    def _table_folders(loaded: Any) -> list[Path]:
-        """Where `LoadedModel.concepts` looks: the run's artifacts, then beside the checkpoint."""
-        out = []
-        if getattr(loaded, "artifacts", None):
-            out.append(Path(loaded.artifacts) / "concepts")
-        if getattr(loaded, "checkpoint", None):
-            out.append(Path(loaded.checkpoint).parent / "concepts")
-        return out
 
     # ------------------------------------------------------------- queries
 

@@ -107,8 +107,8 @@ def tiny_champion(tmp_path_factory, tiny_cache) -> TinyChampion:
     of a step's own behaviour (ASHA, resume, the CLI) still run that step."""
     from insight.concepts.run import mine_concepts
     from insight.config import load_config
+    from insight.models import load_model
     from insight.sweeps.tune import sweep
-    from insight.tracking import load_model
 
     root = tmp_path_factory.mktemp("champion")
     _, extracted = tiny_cache

@@ -105,7 +105,7 @@ def test_after_make_demo_commands_find_the_champion_with_their_config(tiny_model
     import yaml
 
     from insight.config import load_config
-    from insight.tracking import champion_ref, check_model
+    from insight.models import champion_ref, check_model
 
     commands = _readme_after_demo()
     assert {c.split()[1] for c in commands} >= {"ui", "serve"}
@@ -131,7 +131,7 @@ def test_after_make_demo_commands_find_the_champion_with_their_config(tiny_model
 
 
 def test_missing_models_list_what_exists_and_say_what_to_run(tiny_model, tmp_path):
-    from insight.tracking import check_model
+    from insight.models import check_model
 
     uri = tiny_model.tracking_uri
     with pytest.raises(ValueError) as err:
@@ -142,6 +142,7 @@ def test_missing_models_list_what_exists_and_say_what_to_run(tiny_model, tmp_pat
         check_model("models:/insight@nope", uri)
     assert "model 'insight' has no alias 'nope'" in str(err.value) and "its aliases: champion -> v1" in str(err.value)
     assert "its versions: 1" in str(err.value) and "`insight sweep --config" in str(err.value)
+    assert check_model("insight@champion", uri).version == check_model("models:/insight@champion", uri).version
     with pytest.raises(ValueError, match="folder not found"):
         check_model(str(tmp_path / "no-such-checkpoint"), uri)
     store = tmp_path / "elsewhere" / "mlflow.db"

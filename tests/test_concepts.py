@@ -387,7 +387,7 @@ def test_pass_equals_the_dense_formula_in_every_encoding_mode(tmp_path):
 def test_planted_parents_and_names_are_recovered(ray_local, planted_model):
     from insight.concepts.run import mine_concepts
     from insight.config import load_config
-    from insight.tracking import load_model
+    from insight.models import load_model
 
     work, data = planted_model["work"], planted_model["data"]
     cfg = load_config(None, [f"workdir={work}", "concepts.gallery_per_group=2", "concepts.tree_depth=2"])
@@ -503,7 +503,7 @@ def test_concepts_cli_end_to_end(tiny_cache, tmp_path):
     import ray
 
     from insight.config import load_config
-    from insight.tracking import load_model
+    from insight.models import load_model
 
     _, extracted = tiny_cache
     cfg = load_config(TINY, [f"workdir={tmp_path}"])  # no train.cache: the step finds it by the run's tag

@@ -467,8 +467,8 @@ def test_engine_uses_the_models_concepts_and_probe(tiny_model, tmp_path):
     from serve.engine import Engine, ModelLoader
 
     from insight.concepts.galleries import gallery_name
+    from insight.models import load_model
     from insight.tasks.classification import ConceptProbe
-    from insight.tracking import load_model
 
     lm = load_model("models:/insight@champion", tracking_uri=tiny_model.tracking_uri, dst=str(tmp_path / "m"))
     table = lm.concepts

@@ -30,7 +30,7 @@ def test_sweep_registers_champion_and_draws_pareto(tiny_champion, tiny_cache, tm
     with the serve, CLI and evaluate tests): child runs, Pareto artifacts, the champion alias."""
     import mlflow
 
-    from insight.tracking import load_model
+    from insight.models import load_model
 
     assert "sweep.space={sae.k: [4, 8], sae.depth: [1, 3]}" in CHAMPION_SWEEP
     out = tiny_champion.sweep

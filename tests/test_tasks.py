@@ -403,9 +403,9 @@ def test_evaluate_cli_end_to_end(tiny_champion, tmp_path):
     assert row["image"] == "voc_person" and float(row["miou_concepts"]) == pytest.approx(res["miou_concepts"], abs=1e-5)
     assert float(row["recon_fvu"]) == pytest.approx(res["recon_fvu"], rel=1e-3)  # one image: pooled = per image
     # the fidelity figures are the training metrics on the patches the segmenter saw
+    from insight.models import load_model
     from insight.sae.metrics import cosine, fvu
     from insight.tasks import Segmenter
-    from insight.tracking import load_model
 
     loaded = load_model(model["run_id"], tracking_uri=uri, dst=str(tmp_path / "m"))
     seg = Segmenter.from_model(loaded, ["background", "person"], background=True, tasks=cfg.tasks)

@@ -85,13 +85,13 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
     from insight.concepts.table import Relations
     from insight.concepts.tree import draw_tree_png, write_tree_html
     from insight.concepts.vocabulary import build_vocabulary
+    from insight.models import CONCEPTS, GALLERIES, attach, champion_ref, check_model, load_model, local_home
     from insight.runtime import ensure_ray
-    from insight.tracking import load_model
 
     c = cfg.concepts
     t_start = time.perf_counter()
-    ref = model_ref or tracking.champion_ref(cfg)
-    tracking.check_model(ref, cfg.tracking.resolved_uri(cfg.workdir))  # no store made for a missing model
+    ref = model_ref or champion_ref(cfg)
+    check_model(ref, cfg.tracking.resolved_uri(cfg.workdir))  # no store made for a missing model
     uri = tracking.setup(cfg)
     client = mlflow.MlflowClient(uri)
     with tempfile.TemporaryDirectory(prefix="insight-concepts-") as tmp, \
@@ -156,11 +156,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
         timings["naming"] = time.perf_counter() - t1
         t1 = time.perf_counter()
 
-        if model.run_id:
-            tag = f"{model.name}-v{model.version}" if model.version else model.run_id
-            out = Path(cfg.workdir).resolve() / "concepts" / tag
-        else:
-            out = model.checkpoint.resolve().parent / "concepts"
+        out = local_home(model, CONCEPTS, cfg.workdir)
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         stage.mkdir()
@@ -176,7 +172,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             write_tree_html(table, stage / "hierarchy.html", title=f"Concept hierarchy of {model.uri}")
             timings["write"] = time.perf_counter() - t1
             t1 = time.perf_counter()
-            gal = draw_galleries(table, stats.top_map, reader, model.config, stage / "galleries",
+            gal = draw_galleries(table, stats.top_map, reader, model.config, stage / GALLERIES,
                                  per_group=c.gallery_per_group, images=min(c.gallery_images, c.top_n),
                                  per_row=c.contact_per_row)
             swap_in_folder(stage, out)
@@ -186,10 +182,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             raise
 
         t1 = time.perf_counter()
-        artifact_run = model.run_id or run.info.run_id
-        client.log_artifacts(artifact_run, str(out), "concepts")
-        if model.run_id:
-            client.set_tag(model.run_id, "insight.concepts_run_id", run.info.run_id)
+        artifact_run = attach(model, CONCEPTS, out, client, run.info.run_id)
         timings["mlflow"] = time.perf_counter() - t1
         log.info("concepts: done; seconds per phase %s", {k: round(v, 2) for k, v in timings.items()})
         levels = int(hier.level.max(initial=-1)) + 1
@@ -197,8 +190,8 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
             "table": str(out / files["parquet"].name), "table_json": str(out / files["json"].name),
             "relations": str(out / "relations.safetensors"), "hierarchy": str(out / "hierarchy.json"),
             "hierarchy_png": str(out / "hierarchy.png"), "hierarchy_html": str(out / "hierarchy.html"),
-            "galleries": str(out / "galleries"), "gallery_count": len(gal["galleries"]),
-            "contact_sheet": str(out / "galleries" / "contact_levels.png") if gal["contact_levels"] else None,
+            "galleries": str(out / GALLERIES), "gallery_count": len(gal["galleries"]),
+            "contact_sheet": str(out / GALLERIES / "contact_levels.png") if gal["contact_levels"] else None,
             "concepts": sae.n_concepts, "alive": int(hier.alive.sum()), "with_parents": hier.with_parents,
             "roots": len(hier.roots), "levels": levels, "alias_classes": hier.n_alias_classes,
             "dense": int(hier.dense.sum()), "rare": int(hier.rare.sum()),
@@ -210,7 +203,7 @@ def mine_concepts(cfg: Any, model_ref: str | None = None, cache: str | None = No
                for what, v in zip(("distinct_names", "max_name_repeat"), name_spread(n.best(vocab), stats.frequency_m),
                                   strict=True)},
             "model": model.uri, "model_run_id": model.run_id, "artifact_run_id": artifact_run,
-            "artifact_path": "concepts", "cache": location, "run_id": run.info.run_id, "out": str(out),
+            "artifact_path": CONCEPTS, "cache": location, "run_id": run.info.run_id, "out": str(out),
         }
         result["wall_s"] = time.perf_counter() - t_start
         tracking.log_result(result | {f"{k}_s": v for k, v in timings.items()})
