@@ -241,7 +241,7 @@ def _write_coco(folder: Path) -> tuple[Path, Path]:
 def test_perfect_prediction_through_coco_path(tmp_path, background):
     from insight.config import load_config
     from insight.data.datasets import build_dataset
-    from insight.tasks.evaluate import GroundTruth, resolve_classes
+    from insight.tasks.evaluate.labels import GroundTruth, resolve_classes
     from insight.tasks.metrics import confusion_matrix, mean_iou
 
     ann, images = _write_coco(tmp_path)
@@ -270,7 +270,7 @@ def test_perfect_prediction_through_coco_path(tmp_path, background):
 def test_annotated_label_space_is_what_the_evaluated_images_show(tmp_path):
     from insight.config import ConfigError, load_config
     from insight.data.datasets import build_dataset
-    from insight.tasks.evaluate import GroundTruth, resolve_classes
+    from insight.tasks.evaluate.labels import GroundTruth, resolve_classes
 
     ann, images = _write_coco(tmp_path)
     coco = json.loads(ann.read_text())
@@ -304,7 +304,8 @@ def test_annotated_label_space_is_what_the_evaluated_images_show(tmp_path):
 def test_png_label_transforms_and_benchmark_configs(tmp_path):
     from insight.data.classes import BENCHMARKS
     from insight.data.datasets import voc_dataset
-    from insight.tasks.evaluate import GroundTruth, LabelSpace, load_eval_config
+    from insight.tasks.evaluate import load_eval_config
+    from insight.tasks.evaluate.labels import GroundTruth, LabelSpace
 
     (tmp_path / "JPEGImages").mkdir()
     (tmp_path / "masks").mkdir()
