@@ -78,7 +78,9 @@ def sae_lens_encode(sae: MatryoshkaSAE) -> Callable:
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 
     dtype = str(sae.W_enc.dtype).removeprefix("torch.")
-    peer = JumpReLUSAE(JumpReLUSAEConfig(d_in=sae.d_in, d_sae=sae.n_concepts, dtype=dtype, device=str(sae.W_enc.device)))
+    peer = JumpReLUSAE(
+        JumpReLUSAEConfig(d_in=sae.d_in, d_sae=sae.n_concepts, dtype=dtype, device=str(sae.W_enc.device))
+    )
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(peer, name).copy_(getattr(sae, name))

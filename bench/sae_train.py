@@ -26,6 +26,16 @@ The peers need their own venv (they pull transformers, datasets, wandb, ...):
     PYTHONPATH=platform .bench-venv/bin/python bench/sae_train.py [--quick]
 
 A peer that does not import is reported (with the error) and skipped.
+
+AuxK variant: at the default dead window (10M tokens) no concept is ever dead
+in a run this short, so nobody's auxiliary loss is timed. ``--dead-tokens N``
+sets every implementation's window to N tokens (``--dead-tokens 4096``: one
+batch without firing), so each one pays for AuxK on every step; the mean
+number of dead concepts per step is printed for each.
+
+On a GPU: ``--device cuda`` (and ``--autocast bf16`` for bf16 autocast of
+every implementation's step and of the matmul reference); timings synchronise
+the device.
 """
 
 from __future__ import annotations
@@ -99,6 +109,7 @@ class PlantedStream:
 class Impl:
     name = "?"
     flops_per_token = 0.0  # executed FLOPs of one training step per token (matmul-level terms)
+    dead: list[int]  # concepts counted dead by the implementation at each step (AuxK ran when > 0)
 
     def step(self, x_bd: torch.Tensor, i: int) -> None:
         raise NotImplementedError
@@ -111,10 +122,13 @@ class Impl:
 class Ours(Impl):
     name = "insight"
 
-    def __init__(self, d: int, expansion: int, k: int, lr: float, first_bd: torch.Tensor, seed: int) -> None:
-        self.cfg = SAEConfig(expansion=expansion, k=k)
-        self.sae = MatryoshkaSAE.from_config(d, self.cfg, seed=seed)
+    def __init__(
+        self, d: int, expansion: int, k: int, lr: float, first_bd: torch.Tensor, seed: int, dead_tokens: int
+    ) -> None:
+        self.cfg = SAEConfig(expansion=expansion, k=k, dead_tokens=dead_tokens)
+        self.sae = MatryoshkaSAE.from_config(d, self.cfg, seed=seed, device=first_bd.device)
         self.sae.init_from_batch(first_bd)
+        self.dead = []
         self.opt = make_optimizer(self.sae, lr)
         m = expansion * d
         # dense encoder matmul; the rest touches the k*B kept entries only
@@ -122,7 +136,8 @@ class Ours(Impl):
         self.flops_per_token = 2.0 * d * m + 8.0 * k * d
 
     def step(self, x_bd: torch.Tensor, i: int) -> None:
-        train_step(self.sae, self.opt, x_bd, self.cfg, i, grad_clip=1.0)
+        out = train_step(self.sae, self.opt, x_bd, self.cfg, i, grad_clip=1.0)
+        self.dead.append(round(out["dead_fraction"] * self.sae.n_concepts))
 
     @torch.no_grad()
     def reconstruct(self, x_bd: torch.Tensor) -> torch.Tensor:
@@ -132,7 +147,7 @@ class Ours(Impl):
 class DictionaryLearning(Impl):
     name = "dictionary_learning"
 
-    def __init__(self, d: int, m: int, k: int, lr: float, steps: int, seed: int) -> None:
+    def __init__(self, d: int, m: int, k: int, lr: float, steps: int, seed: int, dead_tokens: int, device: str) -> None:
         from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
         self.trainer = MatryoshkaBatchTopKTrainer(
@@ -146,13 +161,16 @@ class DictionaryLearning(Impl):
             lr=lr,
             warmup_steps=0,
             seed=seed,
-            device="cpu",
+            device=device,
         )
+        self.trainer.dead_feature_threshold = dead_tokens  # the trainer's window, in tokens
+        self.dead = []
         # dense: enc fwd 2DM, dec fwd 2DM; bwd enc wgrad 2DM, dec wgrad 2DM, dec dgrad 2DM
         self.flops_per_token = 10.0 * d * m
 
     def step(self, x_bd: torch.Tensor, i: int) -> None:
         self.trainer.update(i, x_bd)
+        self.dead.append(int(self.trainer.dead_features))
 
     @torch.no_grad()
     def reconstruct(self, x_bd: torch.Tensor) -> torch.Tensor:
@@ -163,7 +181,9 @@ class DictionaryLearning(Impl):
 class SAELens(Impl):
     name = "sae_lens"
 
-    def __init__(self, d: int, m: int, k: int, lr: float, batch: int, dead_tokens: int, prefix_ends: list[int]) -> None:
+    def __init__(
+        self, d: int, m: int, k: int, lr: float, batch: int, dead_tokens: int, prefix_ends: list[int], device: str
+    ) -> None:
         from sae_lens.saes.matryoshka_batchtopk_sae import (
             MatryoshkaBatchTopKTrainingSAE,
             MatryoshkaBatchTopKTrainingSAEConfig,
@@ -178,13 +198,14 @@ class SAELens(Impl):
             matryoshka_widths=list(prefix_ends),
             aux_loss_coefficient=1 / 32,
             dtype="float32",
-            device="cpu",
+            device=device,
         )
         self.sae = MatryoshkaBatchTopKTrainingSAE(cfg)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=(0.9, 0.999))
-        self.since_fired = torch.zeros(m)
-        self.act_freq = torch.zeros(m)
+        self.since_fired = torch.zeros(m, device=device)
+        self.act_freq = torch.zeros(m, device=device)
         self.dead_window = max(1, dead_tokens // batch)  # its dead window counts forward passes
+        self.dead = []
         inner = prefix_ends[-2] if len(prefix_ends) > 1 else 0
         # enc fwd 2DM, full dec fwd 2DM, inner prefix decodes 2D*W_inner; bwd: enc wgrad 2DM,
         # full dec 4DM, inner decodes 4D*W_inner
@@ -193,10 +214,12 @@ class SAELens(Impl):
     def step(self, x_bd: torch.Tensor, i: int) -> None:
         sae = self.sae
         sae.train()
+        dead_mask = (self.since_fired > self.dead_window).bool()
+        self.dead.append(int(dead_mask.sum()))
         out = sae.training_forward_pass(
             step_input=self.TrainStepInput(
                 sae_in=x_bd,
-                dead_neuron_mask=(self.since_fired > self.dead_window).bool(),
+                dead_neuron_mask=dead_mask,
                 coefficients={},
                 n_training_steps=i,
                 is_logging_step=False,
@@ -278,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peers", default="dictionary_learning,sae_lens")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument(
+        "--dead-tokens",
+        type=int,
+        default=None,
+        help="dead window of every implementation, in tokens (default: the config's 10M, never reached here); "
+        "4096 = one batch, so that every implementation runs AuxK on every step",
+    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-extras", action="store_true", help="skip the decode and selection kernel comparisons")
+    ap.add_argument("--autocast", choices=["off", "bf16"], default="off", help="bf16 autocast around every step")
     args = ap.parse_args(argv)
 
     d = args.d_in or (256 if args.quick else 512)
@@ -285,39 +318,48 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (30 if args.quick else 60)
     m = args.expansion * d
     k = args.k
+    dev = torch.device(args.device)
+    dead_tokens = args.dead_tokens or SAEConfig().dead_tokens
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    autocast_on = args.autocast == "bf16"
+
+    def amp():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_on)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # process-wide: every implementation below gets it
     torch.manual_seed(args.seed)
 
     print(f"# SAE training-step benchmark ({'quick' if args.quick else 'full'})")
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"cpu: {platform.processor() or platform.machine()}"
+        f"device {dev.type}: {gpu or platform.processor() or platform.machine()}"
     )
     print(
         f"D={d} M={m} k={k} groups={group_sizes_from_fractions(m, REFERENCE_FRACTIONS)} batch={batch} "
-        f"steps={steps} (timed: {steps - args.warmup}) lr={args.lr} fp32"
+        f"steps={steps} (timed: {steps - args.warmup}) lr={args.lr} "
+        f"{'bf16 autocast' if autocast_on else 'fp32'} dead window {dead_tokens:,} tokens"
     )
     print(f"peer venv: {VENV_HINT}")
     load_start = os.getloadavg()[0]
     print(f"load average at start: {load_start:.2f} (other processes share these cores; steps are interleaved)")
 
     data = PlantedStream(d, n_atoms=m // 2, active=8, seed=args.seed)
-    first = data.batch(0, batch)
-    held_out = data.batch(10**6, batch)
+    first = data.batch(0, batch).to(dev)
+    held_out = data.batch(10**6, batch).to(dev)
 
-    impls: list[Impl] = [Ours(d, args.expansion, k, args.lr, first, args.seed)]
+    impls: list[Impl] = [Ours(d, args.expansion, k, args.lr, first, args.seed, dead_tokens)]
     missing: dict[str, str] = {}
     wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
-    sae_cfg = SAEConfig(expansion=args.expansion, k=k)
     prefix_ends = torch.tensor(group_sizes_from_fractions(m, REFERENCE_FRACTIONS)).cumsum(0).tolist()
     for peer in wanted:
         try:
             if peer == "dictionary_learning":
-                impls.append(DictionaryLearning(d, m, k, args.lr, steps, args.seed))
+                impls.append(DictionaryLearning(d, m, k, args.lr, steps, args.seed, dead_tokens, str(dev)))
             elif peer == "sae_lens":
-                impls.append(SAELens(d, m, k, args.lr, batch, sae_cfg.dead_tokens, prefix_ends))
+                impls.append(SAELens(d, m, k, args.lr, batch, dead_tokens, prefix_ends, str(dev)))
             else:
                 missing[peer] = "unknown peer name"
         except Exception as exc:  # report and continue with the others
@@ -328,18 +370,24 @@ def main(argv: list[str] | None = None) -> int:
 
     # the matmul reference is timed inside the same interleaved loop, so a busy
     # machine slows it exactly like the implementations
-    mm_x, mm_w, mm_b = torch.randn(batch, d), torch.randn(d, m) / math.sqrt(d), torch.zeros(m)
+    mm_x, mm_w, mm_b = (t.to(dev) for t in (torch.randn(batch, d), torch.randn(d, m) / math.sqrt(d), torch.zeros(m)))
     mm_times: list[float] = []
     times: dict[str, list[float]] = {impl.name: [] for impl in impls}
     t_start = time.perf_counter()
     for i in range(steps):
-        x = first if i == 0 else data.batch(i, batch)
+        x = first if i == 0 else data.batch(i, batch).to(dev)
         for impl in impls:
+            sync()
             t0 = time.perf_counter()
-            impl.step(x, i)
+            with amp():
+                impl.step(x, i)
+            sync()
             times[impl.name].append(time.perf_counter() - t0)
+        sync()
         t0 = time.perf_counter()
-        torch.addmm(mm_b, mm_x, mm_w)
+        with amp():
+            torch.addmm(mm_b, mm_x, mm_w)
+        sync()
         mm_times.append(time.perf_counter() - t0)
         if (i + 1) % max(1, steps // 5) == 0:
             line = " ".join(f"{n}={1000 * statistics.median(t[args.warmup :] or t):.0f}ms" for n, t in times.items())
@@ -347,12 +395,15 @@ def main(argv: list[str] | None = None) -> int:
 
     mm_timed = mm_times[args.warmup :] or mm_times
     gf_matmul = 2.0 * batch * d * m * len(mm_timed) / sum(mm_timed) / 1e9
-    print(f"plain fp32 matmul ({batch}x{d}) @ ({d}x{m}), timed once per step in the same loop: {gf_matmul:.1f} GFLOP/s")
+    mm_kind = "bf16-autocast" if autocast_on else "fp32"
+    print(
+        f"plain {mm_kind} matmul ({batch}x{d}) @ ({d}x{m}), timed once per step in the same loop: {gf_matmul:.1f} GFLOP/s"
+    )
     results: dict[str, dict[str, float]] = {}
     for impl in impls:
         timed = times[impl.name][args.warmup :]
         tok_s = batch * len(timed) / sum(timed)
-        x_hat = impl.reconstruct(held_out)
+        x_hat = impl.reconstruct(held_out).float()
         achieved = impl.flops_per_token * tok_s / 1e9
         results[impl.name] = {
             "tokens_per_s": tok_s,
@@ -361,39 +412,54 @@ def main(argv: list[str] | None = None) -> int:
             "gflops": achieved,
             "gflops_frac_matmul": achieved / gf_matmul,
             "dense_equiv_gflops": 10.0 * d * m * tok_s / 1e9,
+            "dead_mean": statistics.mean(impl.dead[args.warmup :] or impl.dead),
+            "auxk_steps": sum(1 for n in impl.dead if n > 0),
         }
 
     print()
     print(f"after {steps * batch:,} tokens each:")
-    print(f"{'impl':<22}{'tokens/s':>11}{'step ms':>10}{'FVU':>9}{'GFLOP/s':>10}{'of matmul':>11}{'dense-eq GF/s':>15}")
+    print(
+        f"{'impl':<22}{'tokens/s':>11}{'step ms':>10}{'FVU':>9}{'GFLOP/s':>10}{'of matmul':>11}{'dense-eq GF/s':>15}"
+        f"{'dead/step':>11}{'AuxK steps':>12}"
+    )
     for name, r in results.items():
         print(
             f"{name:<22}{r['tokens_per_s']:>11.0f}{r['median_step_ms']:>10.0f}{r['fvu']:>9.4f}"
             f"{r['gflops']:>10.1f}{100 * r['gflops_frac_matmul']:>10.1f}%{r['dense_equiv_gflops']:>15.1f}"
+            f"{r['dead_mean']:>11.0f}{r['auxk_steps']:>8}/{steps}"
         )
     ours = results["insight"]
     ratios = {n: ours["tokens_per_s"] / r["tokens_per_s"] for n, r in results.items() if n != "insight"}
     for name, ratio in ratios.items():
         print(f"insight / {name}: {ratio:.2f}x tokens/s, FVU {ours['fvu']:.4f} vs {results[name]['fvu']:.4f}")
 
-    dec = decode_paths(batch, d, m, k, reps=3 if args.quick else 5)
-    print(
-        f"group decode fwd+bwd at these shapes: sparse {dec['sparse']:.1f} ms, dense {dec['dense']:.1f} ms "
-        f"({dec['dense'] / dec['sparse']:.1f}x)"
-    )
-
+    dec: dict[str, float] = {}
+    sel: dict[str, float] = {}
     load_end = os.getloadavg()[0]
+    if dev.type == "cpu" and not args.no_extras:  # CPU kernels' comparisons (they time on the host clock)
+        dec = decode_paths(batch, d, m, k, reps=3 if args.quick else 5)
+        print(
+            f"group decode fwd+bwd at these shapes: sparse {dec['sparse']:.1f} ms, dense {dec['dense']:.1f} ms "
+            f"({dec['dense'] / dec['sparse']:.1f}x)"
+        )
+        load_end = os.getloadavg()[0]
+        sel = selection_paths(batch, d, m, k, reps=3)
+        print(
+            f"BatchTopK selection of {k * batch} of {batch * m}: flat torch.topk {sel['flat_topk']:.1f} ms, "
+            f"chunked (ours) {sel['chunked']:.1f} ms"
+        )
     print(f"load average at end: {load_end:.2f}")
-    sel = selection_paths(batch, d, m, k, reps=3)
-    print(
-        f"BatchTopK selection of {k * batch} of {batch * m}: flat torch.topk {sel['flat_topk']:.1f} ms, "
-        f"chunked (ours) {sel['chunked']:.1f} ms"
-    )
     summary = {
         "bench": "sae_train",
         "mode": "quick" if args.quick else "full",
         "shape": {"d_in": d, "n_concepts": m, "k": k, "batch": batch, "steps": steps, "lr": args.lr},
         "threads": torch.get_num_threads(),
+        "device": dev.type,
+        "gpu": gpu,
+        "autocast": args.autocast,
+        "dead_tokens": dead_tokens,
+        "dead_per_step": {n: round(r["dead_mean"], 1) for n, r in results.items()},
+        "auxk_steps": {n: r["auxk_steps"] for n, r in results.items()},
         "matmul_gflops": round(gf_matmul, 1),
         "tokens_per_s": {n: round(r["tokens_per_s"], 1) for n, r in results.items()},
         "ratio_tokens_per_s": {n: round(v, 2) for n, v in ratios.items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -374,6 +375,22 @@ def test_train_step_calls_reducers() -> None:
     assert int(seen["fired"].sum()) == 2 * 32  # type: ignore[union-attr]
     assert sae.tokens_since_fired.max() == 64 or sae.tokens_since_fired.max() == 0
     assert float(sae.threshold) == pytest.approx(0.25)
+
+
+def test_train_step_under_bf16_autocast() -> None:
+    """bf16 autocast (the GPU benchmark's mode): the encoder matmul runs in bf16, the sparse
+    decode, AuxK and both backward passes in the parameters' fp32; every parameter moves."""
+    cfg = SAEConfig(expansion=4, k=2, depth=2, dead_tokens=16, threshold_start_step=0)
+    sae = MatryoshkaSAE.from_config(8, cfg, seed=0)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    sae.init_from_batch(x)
+    sae.tokens_since_fired.fill_(16)  # every concept dead: AuxK runs too
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = train_step(sae, make_optimizer(sae, 1e-2), x, cfg, 0)
+    assert out["n_dead"] == 32 and out["aux_loss"] > 0 and math.isfinite(out["loss"]) and out["l0"] > 0
+    for n, p in sae.named_parameters():
+        assert p.dtype == torch.float32 and not torch.equal(p.detach(), before[n]), n
 
 
 def test_threshold_ema() -> None:

@@ -123,6 +123,11 @@ class _SelectedPreActs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_n: Tensor):  # type: ignore[override]
+        with torch.autocast(grad_n.device.type, enabled=False):  # sparse kernels in the parameters' dtype
+            return _SelectedPreActs._backward(ctx, grad_n)
+
+    @staticmethod
+    def _backward(ctx, grad_n: Tensor):
         values_n, x_bd, w_enc_dm, b_dec_d, batch_idx, concept_idx = ctx.saved_tensors
         perm, concept_offsets = ctx.concept_order
         g = grad_n * (values_n > 0)  # ReLU
@@ -295,7 +300,16 @@ class MatryoshkaSAE(nn.Module):
         return self.attach_grad(x_bd, codes)
 
     def attach_grad(self, x_bd: Tensor, codes: SparseCodes) -> SparseCodes:
-        """Make ``codes.values`` (computed without grad) differentiable w.r.t. the encoder."""
+        """Make ``codes.values`` (computed without grad) differentiable w.r.t. the encoder.
+
+        Under bf16 autocast the encoder matmul ran in bf16; the kept values are
+        brought back to the parameters' dtype, so everything after the one
+        dense matmul (sparse decode, losses, backward) runs in full precision.
+        """
+        dtype = self.W_enc.dtype
+        if codes.values.dtype != dtype:
+            codes.values = codes.values.to(dtype)
+            codes.min_kept = codes.min_kept.to(dtype)
         if not torch.is_grad_enabled():
             return codes
         codes.values = _SelectedPreActs.apply(

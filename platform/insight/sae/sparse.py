@@ -227,6 +227,11 @@ class _GatherDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gbd: Tensor):  # type: ignore[override]
+        with torch.autocast(grad_gbd.device.type, enabled=False):  # in the parameters' dtype
+            return _GatherDecode._backward(ctx, grad_gbd.to(ctx.saved_tensors[1].dtype))
+
+    @staticmethod
+    def _backward(ctx, grad_gbd: Tensor):
         values_n, w_dec_md = ctx.saved_tensors
         layout: SparseLayout = ctx.layout
         grad_bag_d = grad_gbd.reshape(-1, grad_gbd.shape[-1])
