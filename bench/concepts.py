@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--dense-max", type=int, default=2048, help="Largest M the dense pass runs at (memory).")
     ap.add_argument("--repeats", type=int, default=2,
                     help="Runs of each implementation, alternating; the fastest counts (the machine is shared).")
+    ap.add_argument("--tmp", help="Folder for the synthetic cache (default: the system's temporary folder).")
     ap.add_argument("--child", choices=["stream", "dense"], help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -185,7 +186,7 @@ def main() -> None:
     results = []
     load_start = os.getloadavg()[0]
     for m in [int(s) for s in args.sizes.split(",")]:
-        with tempfile.TemporaryDirectory(prefix="insight-bench-concepts-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="bench-concepts-", dir=args.tmp) as tmp:
             folder = Path(tmp)
             cache, ckpt = make_data(folder, args.tokens, args.dim, m, args.k)
             for threads in [int(t) for t in str(args.threads).split(",")]:
@@ -213,7 +214,8 @@ def measure(m: int, threads: int, cache: str, ckpt: str, folder: Path, args: arg
         row[impl] = min(ok, key=lambda r: r["seconds"]) if ok else rs[0]
         row[impl]["all_seconds"] = [round(r.get("seconds", float("nan")), 2) for r in rs]
         row[impl]["all_cpu_seconds"] = [round(r.get("cpu_seconds", float("nan")), 2) for r in rs]
-    if "dense" in row and "error" not in row["dense"] and "error" not in row["stream"]:
+    both = all((folder / f"{impl}{end}.npy").is_file() for impl in ("stream", "dense") for end in ("", "-count"))
+    if "dense" in row and "error" not in row["dense"] and "error" not in row["stream"] and both:
         ds, dd = np.load(folder / "stream.npy"), np.load(folder / "dense.npy")
         diag_s, diag_d = np.diag(ds), np.diag(dd)
         dn_s = np.where(diag_s[:, None] > 0, ds / np.maximum(diag_s, 1e-30)[:, None], 0)
