@@ -14,7 +14,7 @@ from insight.sae.metrics import cosine, dead_fraction_per_group, fvu, fvu_per_pr
 from insight.sae.model import batch_topk, geometric_median, group_sizes_from_fractions
 from insight.sae.objectives import dead_mask, update_dead_counter
 from insight.sae.sparse import SparseCodes, dense_decode_groups, sparse_decode_groups
-from insight.sae.step import calibrate_threshold, load_checkpoint
+from insight.sae.step import calibrate_threshold, calibrate_threshold_heldout, load_checkpoint
 
 D_TOY, ATOMS, ACTIVE = 32, 64, 3
 
@@ -500,6 +500,27 @@ def test_calibrated_threshold_keeps_k_per_token(
     assert theta == pytest.approx(expected, rel=1e-6) and seen == [pytest.approx(expected, rel=1e-6)]
     with torch.no_grad():
         assert abs(l0(sae.encode(x)) - ACTIVE) <= 0.1 * ACTIVE
+
+
+def test_heldout_threshold_keeps_k_on_shifted_tokens(
+    planted_run: tuple[MatryoshkaSAE, torch.Tensor, torch.Generator],
+) -> None:
+    """Held-out tokens unlike the training ones (weaker atoms plus noise): the train-calibrated theta misses k
+    there; the held-out rule is BatchTopK over the whole held-out set, exact whatever the chunking."""
+    import copy
+
+    sae, atoms, gen = planted_run
+    sae = copy.deepcopy(sae)
+    calibrate_threshold(sae, iter([planted(512, atoms, gen) for _ in range(4)]), 4)
+    held = 0.5 * planted(1500, atoms, gen) + 0.3 * torch.randn(1500, atoms.shape[1], generator=gen)
+    with torch.no_grad():
+        assert abs(l0(sae.encode(held)) / sae.k - 1.0) > 0.25  # the shift the rule is for
+        whole = float(sae.encode_batchtopk(held, keep_pre_acts=False).min_kept)
+    theta = calibrate_threshold_heldout(sae, held, chunk=256)
+    assert theta == pytest.approx(whole, rel=1e-6)
+    assert calibrate_threshold_heldout(sae, held, chunk=4096) == pytest.approx(theta, rel=1e-6)
+    with torch.no_grad():
+        assert l0(sae.encode(held)) == pytest.approx(sae.k, abs=0.01)  # k per token, minus ties at theta
 
 
 def test_metric_functions() -> None:

@@ -255,6 +255,15 @@ class SAEConfig(Section):
         " thresholded inference keeps k concepts per token on average; the EMA lags behind a short run."
         " 0: keep the EMA (the reference).",
     )
+    threshold_calibration_split: Literal["heldout", "train"] = Field(
+        "heldout",
+        description="Which tokens the end-of-training calibration reads (when threshold_calibration_batches > 0)."
+        " heldout: the cache's held-out images (up to 32,768 tokens); theta becomes the (k x N)-th largest"
+        " activation over their N tokens, so inference keeps k concepts per token on images the model never"
+        " trained on (a small training set is fit more tightly than new images: docs/method.md). train: the"
+        " mean BatchTopK minimum over threshold_calibration_batches train batches (used too when the cache"
+        " has no held-out images).",
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> SAEConfig:

@@ -149,7 +149,14 @@ def train_loop(config: dict[str, Any]) -> None:
     from insight.cache import CacheReader
     from insight.config import InsightConfig
     from insight.sae.model import MatryoshkaSAE
-    from insight.sae.step import calibrate_threshold, load_checkpoint, make_optimizer, save_sae, train_step
+    from insight.sae.step import (
+        calibrate_threshold,
+        calibrate_threshold_heldout,
+        load_checkpoint,
+        make_optimizer,
+        save_sae,
+        train_step,
+    )
 
     cfg = InsightConfig.model_validate(config["cfg"])
     session = _Session(config.get("runner", "train"))
@@ -200,7 +207,8 @@ def train_loop(config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(sae, move_to_device=False)  # DDP; syncs rank 0's init
 
     val_x = None
-    if rank == 0:
+    heldout_theta = cfg.sae.threshold_calibration_batches > 0 and cfg.sae.threshold_calibration_split == "heldout"
+    if rank == 0 or heldout_theta:  # every worker calibrates theta on the same held-out tokens
         val = list(reader.iter_tokens(VAL_TOKENS, "val", cfg.cache.val_fraction))
         if val:
             val_x = torch.from_numpy(val[0]).to(device)
@@ -224,8 +232,11 @@ def train_loop(config: dict[str, Any]) -> None:
         tokens_last += len(x) * world
         last = step == total_steps
         if last and cfg.sae.threshold_calibration_batches:
-            theta = calibrate_threshold(model, batches, cfg.sae.threshold_calibration_batches,
-                                        reduce_min=reduce_min_kept if reduce else None)
+            if heldout_theta and val_x is not None:  # the same theta on every worker: no reduction needed
+                theta = calibrate_threshold_heldout(model, val_x)
+            else:
+                theta = calibrate_threshold(model, batches, cfg.sae.threshold_calibration_batches,
+                                            reduce_min=reduce_min_kept if reduce else None)
             if theta is not None:
                 logs["threshold"] = theta
         if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or last:
