@@ -1,9 +1,10 @@
 """The production topology on one machine, from nothing: PostgreSQL, moto's S3 server, an MLflow
 server on both and a 3-node Ray cluster (insight.localcluster, what `make cluster-up` starts).
 
-The tiny pipeline goes through `insight submit` with cluster.address, tracking.uri and an s3://
-cache.root, as on Kubernetes; on the way the MLflow server is restarted during the sweep and a
-worker node is killed during SAE training. Marked `cluster`: `make test-cluster` runs it, the
+The tiny pipeline (extract -> sweep -> concepts -> evaluate -> serve) goes through `insight submit`
+with cluster.address, tracking.uri and an s3:// cache.root, as on Kubernetes, and the champion is
+served from the server's registry and asked over HTTP; on the way the MLflow server is restarted
+during the sweep, and worker nodes are killed during extraction and during SAE training. Marked `cluster`: `make test-cluster` runs it, the
 default `make test` deselects it (pyproject addopts). Every process it starts is stopped by the
 module fixture's finalizer, also when a test fails.
 """
@@ -48,7 +49,8 @@ def workdir(topo):
     return topo.root / "shared"
 
 
-def _submit(topo, workdir, step: str, *sets: str, follow: bool = True, timeout: float = 1200) -> tuple[dict, str]:
+def _submit(topo, workdir, step: str, *sets: str, follow: bool = True, timeout: float = 1200,
+            step_args: tuple[str, ...] = ()) -> tuple[dict, str]:
     """`insight submit STEP` as a user on the client machine does: no storage keys, settings by --set."""
     args = [str(VENV_BIN / "insight"), "submit", step, "--config", "configs/tiny.yaml",
             "--set", f"cluster.address={topo.urls['ray_dashboard']}", "--set", f"tracking.uri={topo.urls['mlflow']}",
@@ -56,12 +58,18 @@ def _submit(topo, workdir, step: str, *sets: str, follow: bool = True, timeout: 
             *[a for s in (*SMALL, *sets) for a in ("--set", s)]]
     if follow:
         args.append("--follow")
+    if step_args:
+        args += ["--", *step_args]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(lines[-1])
     assert proc.returncode == 0 and res["ok"], proc.stdout[-6000:] + proc.stderr[-3000:]
+    # The output names the Ray dashboard the job runs on (its page), on stderr too while following.
+    assert res["address"] == topo.urls["ray_dashboard"], res
+    assert res["dashboard"] == f"{topo.urls['ray_dashboard']}/#/jobs/{res['job_id']}", res
+    assert not follow or res["dashboard"] in proc.stderr, proc.stderr[-2000:]
     return res, proc.stdout
 
 
@@ -127,12 +135,27 @@ def _worker_nodes_of(topo, class_name: str) -> set[str]:
     return {topo.node_name(a.node_id) for a in actors if class_name in (a.class_name or "") and a.node_id}
 
 
+def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60):
+    """(status, body) of one request to a loopback URL (an HTTP error status is an answer too)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback URL the test built
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
 @pytest.mark.timeout(3000)
 def test_pipeline_on_the_topology(topo, workdir):
     from mlflow import MlflowClient
 
     assert sorted(n for n in topo.procs if n.startswith("ray-")) == ["ray-head", "ray-worker-1", "ray-worker-2"]
-    assert len(topo.ray_nodes()) == 3
+    assert sorted(topo.alive_nodes().values()) == ["ray-head", "ray-worker-1", "ray-worker-2"]
+    status, _ = _http("GET", topo.urls["ray_dashboard"])  # the dashboard's page, on 127.0.0.1
+    assert status == 200 and topo.urls["ray_dashboard"].startswith("http://127.0.0.1:")
 
     # extract: shards land in the bucket, every image once.
     res, out = _submit(topo, workdir, "extract")
@@ -172,6 +195,57 @@ def test_pipeline_on_the_topology(topo, workdir):
     _submit(topo, workdir, "concepts")
     ev, ev_out = _submit(topo, workdir, "evaluate")
     assert ev["status"] == "SUCCEEDED"
+
+    # serve: `insight submit serve -- --no-blocking` deploys the registry's champion onto the cluster
+    # (Serve outlives the job); its proxy answers on 127.0.0.1 until Serve is shut down.
+    from insight.localcluster import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        sv, sv_out = _submit(topo, workdir, "serve", "serve.host=127.0.0.1", f"serve.port={port}",
+                             step_args=("--no-blocking",))
+        served = _step_result(sv_out, "docs")
+        assert served["url"] == base and served["model"] == "models:/insight@champion", served
+        assert served["tracking_uri"] == topo.urls["mlflow"] and served["blocking"] is False
+        status, body = _http("GET", f"{base}/healthz")
+        assert status == 200, body[:500]
+        from skimage import data as skdata
+
+        status, body = _http("POST", f"{base}/v1/explain?top_k=4", _png(skdata.chelsea()),
+                             {"Content-Type": "image/png"})
+        assert status == 200, body[:2000]
+        answer = json.loads(body)
+        # The alias resolved in the server's registry: the version the sweep registered as champion.
+        assert answer["model"]["uri"] == f"models:/insight/{champion.version}", answer["model"]
+        assert answer["grid"] == [7, 7] and 1 <= len(answer["concepts"]) <= 4
+        scores = [c["score"] for c in answer["concepts"]]
+        assert scores == sorted(scores, reverse=True) and scores[-1] > 0 and answer["fidelity"]["l0"] > 0
+    finally:
+        # Serve's REST API on the dashboard (what `serve shutdown --address` calls): every app and proxy goes.
+        _http("DELETE", f"{topo.urls['ray_dashboard']}/api/serve/applications/", timeout=120)
+    _wait_until("Serve to shut down", lambda: _refused(f"{base}/healthz"), timeout=180, every=2)
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _refused(url: str) -> bool:
+    """Nothing listens on the URL's port any more."""
+    import urllib.error
+
+    try:
+        _http("GET", url, timeout=5)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return True
+    return False
 
 
 CHROMIUM = "/usr/bin/chromium"
@@ -274,8 +348,9 @@ def test_training_survives_a_lost_node(topo, workdir):
     nodes = _worker_nodes_of(topo, "RayTrainWorker") - {"ray-head"}
     assert nodes, "no live Train worker found"
     victim = sorted(nodes)[0]
-    topo.kill(victim)
+    topo.kill(victim)  # not replaced: the run must finish on the nodes left
     out = _follow(topo, sub["job_id"])
+    assert victim not in topo.alive_nodes().values()
     res = _step_result(out, "val_fvu")
     why = "\n".join(ln[:300] for ln in out.splitlines() if any(w in ln.lower() for w in ("resum", "restor", "fail", "retry")))
     assert ref["resumed_from"] == -1 and res["resumed_from"] > 0, (res, ref, why)  # restored from a checkpoint

@@ -432,13 +432,15 @@ def submit(step: str, config: str | None = None, sets: list[str] | None = None, 
     except (RuntimeError, ValueError) as exc:
         raise ClusterError(f"cluster at {target} refused the job: {exc}") from None
     status, _ = _call(target, lambda: _status(client, job_id))
-    result = {"job_id": job_id, "address": target, "entrypoint": sub.entrypoint, "status": status,
-              "step": sub.step, "mode": sub.mode, "config_travel": sub.config_travel}
+    # The job's page on the Ray dashboard (logs, tasks, actors, nodes), where to look while it runs.
+    dashboard = f"{target.rstrip('/')}/#/jobs/{job_id}"
+    result = {"job_id": job_id, "address": target, "dashboard": dashboard, "entrypoint": sub.entrypoint,
+              "status": status, "step": sub.step, "mode": sub.mode, "config_travel": sub.config_travel}
     if image:
         result["image"] = image
     if follow:
-        print(f"submitted {job_id} to {target}; following its logs (Ctrl-C stops following, not the job)",
-              file=sys.stderr, flush=True)
+        print(f"submitted {job_id} to {target} (Ray dashboard: {dashboard}); following its logs"
+              " (Ctrl-C stops following, not the job)", file=sys.stderr, flush=True)
     return _finish(client, target, job_id, result, follow)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -190,7 +189,7 @@ class LocalCluster:
         """A Ray head (no CPUs: work lands on workers, like KubeRay's head) and ``workers`` worker nodes.
 
         Each node is its own raylet with its own ports and temp dir and a resource ``worker-<i>``
-        naming it; all get the storage environment."""
+        naming it; all get the storage environment. Workers join one after another, each awaited."""
         head_ports = {"port": free_port(), "dashboard-port": free_port(), "ray-client-server-port": free_port()}
         self._ray_node("ray-head", ["--head", "--num-cpus=0", "--include-dashboard=True",
                                     "--dashboard-host=127.0.0.1", *[f"--{k}={v}" for k, v in head_ports.items()]])
@@ -200,38 +199,86 @@ class LocalCluster:
         head = self.procs["ray-head"]
         _wait("ray head", lambda: _http_ok(f"{self.urls['ray_dashboard']}/api/version"),
               _Pid(head["pid"]), Path(head["log"]), timeout_s)
+        self._await_node("ray-head", lambda n: n.is_head_node, timeout_s)
         for i in range(1, workers + 1):
-            self.add_ray_worker(i, cpus_per_worker)
-        self.wait_for_nodes(workers + 1, timeout_s)
+            self.add_ray_worker(i, cpus_per_worker, timeout_s=timeout_s)
 
-    def add_ray_worker(self, i: int, cpus: int = 2) -> None:
-        self._ray_node(f"ray-worker-{i}", [f"--address={self.urls['ray_gcs']}", f"--num-cpus={cpus}",
-                                           f"--resources={json.dumps({f'worker-{i}': 1})}"])
+    def add_ray_worker(self, i: int, cpus: int = 2, timeout_s: float = 180) -> None:
+        """Start worker node ``i`` (resource ``worker-<i>``) and wait until the GCS lists it ALIVE.
+
+        ``ray start`` gives a raylet a fixed 30 s to register and exits when it does not, which a
+        loaded 2-core machine sometimes exceeds: such a node is started once more."""
+        name = f"ray-worker-{i}"
+        for attempt in (1, 2):
+            before = {n.node_id for n in self._gcs_nodes()}  # a replaced node's old id may still read ALIVE
+            self._ray_node(name, [f"--address={self.urls['ray_gcs']}", f"--num-cpus={cpus}",
+                                  f"--resources={json.dumps({f'worker-{i}': 1})}"])
+            try:
+                self._await_node(name, lambda n, old=frozenset(before): f"worker-{i}" in n.resources_total
+                                 and n.node_id not in old, timeout_s)
+                return
+            except _NodeExited:
+                if attempt == 2:
+                    raise
+                self.stop(name)
 
     def _ray_node(self, name: str, args: list[str]) -> None:
         temp_dir = tempfile.mkdtemp(prefix=f"insight-{name[4:]}-")  # short: Ray's socket paths must fit 107 bytes
-        base = random.randrange(20000, 29000, 100)
         ports = {k: free_port() for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
                                           "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                           "runtime-env-agent-port")}
+        # Worker processes bind ports the OS picks (0/0, as ray.cluster_utils does for nodes sharing a
+        # machine): no node, of this cluster or another on the machine, shares a worker port range.
         cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-gpus=0",
                f"--temp-dir={temp_dir}", "--object-store-memory=200000000", "--disable-usage-stats",
-               f"--min-worker-port={base}", f"--max-worker-port={base + 99}",
+               "--min-worker-port=0", "--max-worker-port=0",
                *[f"--{k}={v}" for k, v in ports.items()], *args]
         # Every raylet's memory monitor sees the whole machine's memory, not its node's share: on one
         # machine they would kill each other's workers (and the job supervisor) under load.
         env = {**self.base_env(), "RAY_memory_monitor_refresh_ms": "0"}
         self._spawn(name, cmd, env=env, temp_dir=temp_dir, node_manager_port=ports["node-manager-port"])
 
+    def _gcs_nodes(self) -> list:
+        """Every node the GCS knows (ALIVE and DEAD), through the state API: the dashboard's own node
+        list (``ray_nodes``) trails the GCS by seconds and shows a killed node ALIVE until it notices."""
+        from ray.util.state import list_nodes
+
+        return list_nodes(address=self.urls["ray_dashboard"], limit=10_000, timeout=30,
+                          raise_on_missing_output=False)
+
+    def _await_node(self, name: str, match, timeout_s: float) -> None:
+        """Wait until an ALIVE node satisfying ``match`` exists; record its id as ``name``'s node."""
+        rec = self.procs[name]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _alive(rec["pid"]):
+                raise _NodeExited(f"{name} exited before joining:\n{_tail(Path(rec['log']))}")
+            try:
+                found = [n for n in self._gcs_nodes() if n.state == "ALIVE" and match(n)]
+            except Exception:  # noqa: BLE001 - dashboard still starting
+                found = []
+            if found:
+                rec["node_id"] = found[0].node_id
+                self.save()
+                return
+            time.sleep(1)
+        raise RuntimeError(f"{name} not ALIVE in the GCS after {timeout_s:.0f} s:\n{_tail(Path(rec['log']))}")
+
     def node_name(self, node_id: str) -> str:
-        """Which of our processes (``ray-head``, ``ray-worker-<i>``) is the Ray node ``node_id``."""
-        for n in self.ray_nodes():
-            raylet = n["raylet"]
-            if raylet["nodeId"] == node_id:
-                for name, rec in self.procs.items():
-                    if rec.get("node_manager_port") == raylet["nodeManagerPort"]:
-                        return name
-        raise KeyError(f"no live node {node_id} of this cluster")
+        """Which of our processes (``ray-head``, ``ray-worker-<i>``) is the Ray node ``node_id``.
+
+        By the node id recorded when the node joined: exact across a node replaced under the same name."""
+        for name, rec in self.procs.items():
+            if rec.get("node_id") == node_id:
+                return name
+        state = {n.node_id: n.state for n in self._gcs_nodes()}.get(node_id, "unknown to the GCS")
+        running = {name: rec.get("node_id") for name, rec in self.procs.items() if name.startswith("ray-")}
+        raise KeyError(f"Ray node {node_id} ({state}) is none of this cluster's running nodes {running}")
+
+    def alive_nodes(self) -> dict[str, str]:
+        """Node id -> our name of every node the GCS lists ALIVE (a node not started here: '?')."""
+        names = {rec["node_id"]: name for name, rec in self.procs.items() if rec.get("node_id")}
+        return {n.node_id: names.get(n.node_id, "?") for n in self._gcs_nodes() if n.state == "ALIVE"}
 
     def ray_nodes(self) -> list[dict]:
         import urllib.request
@@ -242,10 +289,12 @@ class LocalCluster:
         return [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
 
     def wait_for_nodes(self, n: int, timeout_s: float = 180) -> None:
+        """Wait until the GCS lists ``n`` ALIVE nodes (a killed one reads ALIVE for ~30 s: after a
+        replacement, ``add_ray_worker`` already waited for the new node itself)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if len(self.ray_nodes()) >= n:
+                if len(self.alive_nodes()) >= n:
                     return
             except Exception:  # noqa: BLE001 - dashboard still starting
                 pass
@@ -304,6 +353,10 @@ class LocalCluster:
         return {"ok": True, "state": str(self.state_file), **self.urls,
                 "ray_address": self.urls.get("ray_dashboard"), "env": self.env,
                 "logs": str(self.root / "logs")}
+
+
+class _NodeExited(RuntimeError):
+    """A ``ray start`` ended before its node joined the cluster."""
 
 
 class _Pid:
