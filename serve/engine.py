@@ -75,10 +75,8 @@ class Engine:
         Never a local path: a checkpoint folder is named by the SHA-256 of its weights file.
         """
         lm = self.loaded
-        if lm.name and lm.version:
-            return f"models:/{lm.name}/{lm.version}"
-        if lm.run_id:
-            return f"runs:/{lm.run_id}/checkpoint"
+        if lm.run_id:  # models:/name/version, else runs:/<id>/checkpoint
+            return lm.uri
         from insight.cache.format import file_sha256
 
         return f"checkpoint:sha256={file_sha256(Path(lm.checkpoint) / 'model.safetensors')[:16]}"
@@ -216,25 +214,23 @@ class Engine:
     PROBE_CLASSES_LISTED = 10
 
     def _find_probe(self) -> Any:
-        """The model's concept-bottleneck probe (`insight.tasks.classification.ConceptProbe`), if it has one:
-        a ``probe/`` folder among the run's artifacts or beside the checkpoint (where `insight evaluate
-        --probe` saves it)."""
+        """The model's concept-bottleneck probe (`insight.tasks.classification.ConceptProbe`), if
+        `insight evaluate --probe` trained one for it (`insight.models.LoadedModel.probe_folder`)."""
         from insight.tasks.classification import ConceptProbe
 
-        lm = self.loaded
-        places = ([Path(lm.artifacts) / "probe"] if lm.artifacts else []) + [Path(lm.checkpoint).parent / "probe"]
-        for folder in places:
-            if (folder / "probe.json").is_file():
-                try:
-                    probe = ConceptProbe.load(folder)
-                except (OSError, ValueError, KeyError) as exc:
-                    log.warning("probe at %s unusable: %s", folder, exc)
-                    continue
-                if probe.weight_cm.shape[1] == self.sae.n_concepts:
-                    return probe
-                log.warning("probe at %s has %d concepts, the SAE %d: ignored", folder,
-                            probe.weight_cm.shape[1], self.sae.n_concepts)
-        return None
+        folder = self.loaded.probe_folder()
+        if folder is None:
+            return None
+        try:
+            probe = ConceptProbe.load(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("probe of %s unusable: %s", self.loaded.uri, exc)
+            return None
+        if probe.weight_cm.shape[1] != self.sae.n_concepts:
+            log.warning("probe of %s has %d concepts, the SAE %d: ignored", self.loaded.uri,
+                        probe.weight_cm.shape[1], self.sae.n_concepts)
+            return None
+        return probe
 
     def _class_entry(self, name: str, index: int, prob: float, logit: float, bias: float, coverage: dict[str, int],
                      tops: list[Any], contrib_m: torch.Tensor) -> dict[str, Any]:

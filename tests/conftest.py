@@ -98,6 +98,17 @@ class TinyChampion:
     def run_id(self) -> str:
         return self.sweep["best_run_id"]
 
+    def other_trials(self) -> list[str]:
+        """Run ids of the sweep's other finished trials: real train runs (``checkpoint/``, cache tags) that a
+        test may add to (concepts, a probe) without changing what the champion's users see."""
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        parent = self.sweep["parent_run_id"]
+        runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+        return sorted(r.info.run_id for r in runs if r.info.run_id != self.run_id and r.info.status == "FINISHED")
+
 
 @pytest.fixture(scope="session")
 def tiny_champion(tmp_path_factory, tiny_cache) -> TinyChampion:

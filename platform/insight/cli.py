@@ -173,7 +173,7 @@ def sweep(config: str = ConfigOpt, set_: list[str] = SetOpt,
 
 @app.command()
 def concepts(
-    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
+    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias (or name@alias), models:/name/version, a run id or a "
                               "checkpoint folder (default: models:/<tracking.registered_model>@<tracking.alias>)."),
     cache: str = typer.Option(None, "--cache", help="Cache folder or URI to read (default: the one the model was trained on)."),
     config: str = ConfigOpt, set_: list[str] = SetOpt,
@@ -191,12 +191,13 @@ def concepts(
 
 @app.command()
 def evaluate(
-    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
+    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias (or name@alias), models:/name/version, a run id or a "
                               "checkpoint folder (default: models:/<tracking.registered_model>@<tracking.alias>)."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset YAML (configs/datasets/*.yaml): its data "
                                 "section replaces the config's, its tasks keys are merged; --set goes last."),
     task: str = typer.Option("auto", "--task", help="auto, segmentation, classification or both."),
-    probe: bool = typer.Option(False, "--probe", help="Also train and score a concept-bottleneck probe (Ray Train)."),
+    probe: bool = typer.Option(False, "--probe", help="Also train and score a concept-bottleneck probe (Ray Train); it is "
+                               "saved with the model, where `insight serve` finds it."),
     config: str = ConfigOpt, set_: list[str] = SetOpt,
 ) -> None:
     """Segmentation/classification through concepts vs the opaque backbone: mIoU, accuracy, ratio, pictures."""
@@ -398,7 +399,7 @@ def config_check(config: str = ConfigOpt, set_: list[str] = SetOpt) -> None:
 
 @app.command("serve")
 def serve_cmd(
-    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias, models:/name/version, a run id or a "
+    model: str = typer.Option(None, "--model", "-m", help="models:/name@alias (or name@alias), models:/name/version, a run id or a "
                               "checkpoint folder (default: models:/<tracking.registered_model>@<tracking.alias>)."),
     config: str = ConfigOpt, set_: list[str] = SetOpt,
     blocking: bool = typer.Option(True, "--blocking/--no-blocking",

@@ -30,7 +30,8 @@ vectors (for the probe) and the explanation pictures of the first
 from its reference, so the pool can sit on other machines. The driver adds
 everything up, writes the per-class tables and pictures atomically under
 ``<workdir>/evaluate/<run id>/`` and logs it all to a new MLflow run tagged
-with the model's run id.
+with the model's run id. A probe (``--probe``) is also saved with the model
+(`insight.models.attach`), where `load_model` and the server find it.
 
 Ground truth: the data layer's ``semantic_mask`` (COCO annotations through
 pycocotools, or PNG index masks), mapped into the label space: COCO

@@ -41,6 +41,7 @@ def _evaluate(cfg, model, model_ref: str, uri: str, task: str, probe: bool, t0: 
 
     from insight import tracking
     from insight.data.datasets import build_dataset
+    from insight.models import PROBE, attach
     from insight.tasks.pictures import write_atomic
 
     dataset = build_dataset(cfg.data, cfg.workdir)
@@ -97,6 +98,8 @@ def _evaluate(cfg, model, model_ref: str, uri: str, task: str, probe: bool, t0: 
             result.update(classification_scores(batches, space, out_dir))
         if probe:
             result.update(fit_probe(cfg, batches, space, out_dir, model))
+            # where load_model and the server find it: the model's run (or beside its checkpoint folder)
+            result["probe_run_id"] = attach(model, PROBE, out_dir / PROBE, mlflow.MlflowClient(uri), run.info.run_id)
         if explanations:
             write_atomic(out_dir / "explanations.json", json.dumps(explanations, indent=1).encode())
         write_atomic(out_dir / "skipped.json", json.dumps(skipped, indent=1).encode())

@@ -16,6 +16,7 @@ from insight.tasks.metrics import topk_accuracy
 def fit_probe(cfg, batches, space: LabelSpace, out_dir: Path, model) -> dict[str, Any]:
     """Train the concept-bottleneck probe on a split of the evaluated images; score the rest."""
     from insight.cache.format import is_validation
+    from insight.models import PROBE
     from insight.tasks.classification import train_probe
     from insight.tasks.explain import concept_namer
     from insight.tasks.pictures import write_atomic
@@ -30,7 +31,7 @@ def fit_probe(cfg, batches, space: LabelSpace, out_dir: Path, model) -> dict[str
         raise ValueError(f"--probe: {len(ids)} labelled images give an empty train or held-out split at "
                          f"tasks.probe_val_fraction={cfg.tasks.probe_val_fraction}; evaluate more images")
     probe, info = train_probe(cfg, s[~held], labels[~held], space.fg_names)
-    probe.save(out_dir / "probe")
+    probe.save(out_dir / PROBE)
     logits = probe.logits(s[held]).numpy()
     acc = topk_accuracy(logits, labels[held], (1, 5))
     namer = concept_namer(model)
