@@ -35,7 +35,8 @@ if [[ $MODE == wheels ]]; then
   # 64 MiB a run may carry). Install there with: pip install --no-index --no-deps --target DIR .whl/*.whl
   PYV="${WHEELS_PYTHON_VERSION:-3.12}"
   mkdir -p .whl
-  python3 -m pip download --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude  # travels, never committed
+  python3 -m pip download -c constraints.txt --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     pydantic pydantic-core annotated-types typing-inspection open_clip_torch ftfy wcwidth
   du -sh .whl
@@ -44,7 +45,7 @@ fi
 
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT/platform${PYTHONPATH:+:$PYTHONPATH}"
-if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+if [[ $MODE == gpu ]] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/insight-site \
     .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/insight-site"
 fi
