@@ -6,12 +6,14 @@ One run, one machine, loopback only:
    same work in-process (decode, centre view, model, render, JSON) and a
    ``GET /healthz`` -> served p50/p95/p99, in-process p50; overhead ratio =
    served p50 / in-process p50. Where the served time goes: the medians of
-   the stages the ingress reports in its ``Server-Timing`` header (read,
+   the stages the ingress reports in its ``Server-Timing`` header (route, read,
    decode, model call, of it the model replica's time and its compute,
    render, JSON, the app's whole time), the in-process stages, and what is
    left outside the app (the client, the HTTP proxy and its hop to the
    ingress replica; ``/healthz``, which never calls the model, is that
-   floor);
+   floor). Paired by request, latency less the request's own model compute,
+   served minus in-process, is Serve's fixed cost without the compute's
+   noise; ``paired_overhead_ratio`` = 1 + that / in-process p50;
 2. load: N concurrent clients, T seconds with ``serve.max_batch_size``
    batching and T seconds with max_batch_size 1, in alternating rounds
    (changed in place through the deployment's user_config, no model reload)
@@ -30,6 +32,9 @@ connections.
     python bench/serve_load.py                      # tiny model, 8 clients, 15 s phases
     python bench/serve_load.py --quick              # 4 clients, 4 s phases; one JSON line only
     python bench/serve_load.py --profile vit-b16    # the reference backbone's compute (random init)
+    python bench/serve_load.py --latency-only       # only the 1-client ratio and where its time goes
+    python bench/serve_load.py --format png         # heatmaps as PNGs, served and in-process alike
+    python bench/serve_load.py --num-gpus 1         # the model replica on a GPU (bench/gpu.sh)
 """
 
 from __future__ import annotations
@@ -120,7 +125,7 @@ def interleaved_latency(url: str, engine, payloads: list[bytes], seconds: float,
                       "render": (t3 - t2) * 1e3, "json": (t4 - t3) * 1e3}
 
     served_lat, local_lat, health_lat, errors = [], [], [], 0
-    stages, local_stages, outside = [], [], []
+    stages, local_stages, outside, served_rest, local_rest = [], [], [], [], []
     with httpx.Client(base_url=url, timeout=60) as c:
         def remote(data: bytes) -> dict[str, float] | None:
             try:
@@ -149,8 +154,11 @@ def interleaved_latency(url: str, engine, payloads: list[bytes], seconds: float,
                 stages.append(timing)
                 if "app" in timing:
                     outside.append((t1 - t0) * 1e3 - timing["app"])
+                if "compute" in timing:  # the same request's latency less its own model compute
+                    served_rest.append((t1 - t0) * 1e3 - timing["compute"])
             else:
                 errors += 1
+            local_rest.append((t2 - t1) * 1e3 - local_stages[-1]["compute"])
             if health_ok:
                 health_lat.append(t3 - t2)
             local_lat.append(t2 - t1)
@@ -164,6 +172,15 @@ def interleaved_latency(url: str, engine, payloads: list[bytes], seconds: float,
                  "outside_app_ms": round(float(np.median(outside)), 2) if outside else None,
                  "healthz_p50_ms": percentiles(health_lat)["p50_ms"],
                  "in_process_stages_ms": medians(local_stages)}
+    if served_rest:
+        # Paired by request: latency less that request's own compute, served and in-process. Their
+        # difference is Serve's fixed cost, free of the compute's noise (a busy machine makes a
+        # ViT-B-16 forward vary by seconds, which swamps a ratio of two p50s).
+        fixed = float(np.median(served_rest) - np.median(local_rest))
+        breakdown["served_less_compute_ms"] = round(float(np.median(served_rest)), 2)
+        breakdown["in_process_less_compute_ms"] = round(float(np.median(local_rest)), 2)
+        breakdown["fixed_overhead_ms"] = round(fixed, 2)
+        breakdown["paired_overhead_ratio"] = round(1.0 + fixed / float(np.median(local_lat) * 1e3), 3)
     return served, {**percentiles(local_lat), "requests": len(local_lat)}, breakdown
 
 
@@ -229,6 +246,8 @@ def main() -> None:
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray.")
     ap.add_argument("--latency-only", action="store_true", help="Only the 1-client latency phase (no load phases).")
+    ap.add_argument("--num-gpus", type=float, default=0.0,
+                    help="GPUs per model replica (serve.num_gpus); the in-process engine uses a visible GPU too.")
     args = ap.parse_args()
     clients = args.clients or (4 if args.quick else 8)
     seconds = args.seconds or (4.0 if args.quick else 15.0)
@@ -253,7 +272,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve_cfg = {"max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s, "num_cpus": 1,
-                 "ingress_cpus": 0.5}
+                 "ingress_cpus": 0.5, "num_gpus": args.num_gpus}
 
     def deploy(max_batch_size: int) -> None:
         serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "config": str(ROOT / "configs/tiny.yaml"),
@@ -291,7 +310,7 @@ def main() -> None:
         "top_k": args.top_k, "format": args.format, "seconds_per_phase": seconds, "clients": clients,
         "served_1_client": served_1, "in_process": local,
         "overhead_ratio": round(served_1["p50_ms"] / local["p50_ms"], 3), "breakdown": breakdown,
-        "errors": served_1["errors"], "load_average_start": load_start,
+        "num_gpus": args.num_gpus, "errors": served_1["errors"], "load_average_start": load_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
         "setup_s": round(setup_s, 1),
     }
