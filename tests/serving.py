@@ -11,16 +11,14 @@ end of the session.
 from __future__ import annotations
 
 import io
-import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, free_port, wait_until
 
 if str(ROOT) not in sys.path:  # serve/ is a top-level folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
@@ -32,12 +30,6 @@ LIMITS = {
     "max_batch_size": 4, "batch_wait_s": 0.005, "body_timeout_s": 2.0, "request_timeout_s": 30.0,
     "decode_memory_bytes": 256 * 2**20, "body_memory_bytes": 64 * 2**20,
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png_bytes(rgb: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -157,14 +149,7 @@ def served(ray_local, tiny_model):
     app = build_app(args)
     serve.run(app, name="insight", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_until("serve /healthz", lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200)
     yield Served(url=url, key=API_KEY, checkpoint=ckpt, tracking_uri=uri, root=root)
     _shutdown()
 

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import free_port, wait_until
 from insight.runtime import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TINY = "configs/tiny.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cluster_processes(temp_dir: str, root_pid: int | None) -> list[psutil.Process]:
@@ -75,24 +69,15 @@ def _kill_cluster(temp_dir: str, root_pid: int | None) -> None:
 def _wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
     import requests
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{address}/api/version", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"dashboard at {address} not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
+    wait_until(f"ray dashboard at {address}", lambda: requests.get(f"{address}/api/version", timeout=2).status_code == 200,
+               timeout=timeout_s, every=0.5, proc=proc, log=log)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A 2-CPU head with the dashboard on 127.0.0.1, auth disabled; yields its dashboard URL."""
     temp_dir = tempfile.mkdtemp(prefix="insight-ray-")  # short: Ray's socket paths must fit 107 bytes
-    ports = {name: _free_port() for name in (
+    ports = {name: free_port() for name in (
         "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
         "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
         "node-manager-port", "object-manager-port")}
