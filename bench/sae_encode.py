@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"B={batch} D={d} M={m} k={args.k} repeats={repeats}; load average at start: {load_start:.2f}")
 
     data = PlantedStream(d, n_atoms=m // 2, active=8, seed=args.seed)
-    sae = MatryoshkaSAE.from_config(d, SAEConfig(expansion=args.expansion, k=args.k), seed=args.seed)
+    sae = MatryoshkaSAE.from_config(d, SAEConfig(expansion=args.expansion, k=args.k), seed=args.seed, device=dev)
     with torch.no_grad():
-        sae.init_from_batch(data.batch(0, batch))
+        sae.init_from_batch(data.batch(0, batch).to(dev))
         # theta = the smallest value BatchTopK keeps on a calibration batch: about k codes per row
-        _, kept = batch_topk(sae.pre_acts(data.batch(1, batch)), args.k * batch)
+        _, kept = batch_topk(sae.pre_acts(data.batch(1, batch).to(dev)), args.k * batch)
         sae.threshold.fill_(float(kept.min()))
-    sae = sae.to(dev, dtype).eval()
+    sae = sae.to(dtype).eval()
     x = data.batch(2, batch).to(dev, dtype)
 
     def dense_then_nonzero(x_bd: torch.Tensor):
