@@ -544,8 +544,8 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
                       ) -> JSONResponse:
         """The image's top concepts: names, scores, level, hierarchy path and a heatmap each.
 
-        The answer's ``Server-Timing`` header says where this replica's time went (ms): ``read``
-        (body, parsing), ``decode`` (image and view), ``model`` (the call to the model replica:
+        The answer's ``Server-Timing`` header says where this replica's time went (ms): ``route``
+        (from the request's arrival in the app to this handler), ``read`` (body, parsing), ``decode`` (image and view), ``model`` (the call to the model replica:
         ``replica`` inside it, ``compute`` of that the model itself), ``render`` (heatmaps),
         ``json`` and ``app`` (from the request's arrival in the app to its encoded answer)."""
         t0 = time.perf_counter()
@@ -575,7 +575,7 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
         response = JSONResponse(answer)
         t4 = time.perf_counter()
         arrived = request.scope.get("state", {}).get("t_arrived", t0)
-        stages = {"read": t_read - t0, "decode": t1 - t_read, "model": t2 - t1,
+        stages = {"route": t0 - arrived, "read": t_read - t0, "decode": t1 - t_read, "model": t2 - t1,
                   "replica": raw.replica_ms / 1e3, "compute": raw.compute_ms / 1e3, "render": t3 - t2,
                   "json": t4 - t3, "app": t4 - arrived}
         response.headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1e3:.2f}" for name, sec in stages.items()
