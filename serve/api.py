@@ -545,9 +545,10 @@ def build_api(backend: Backend, limits: Any, info: dict[str, Any]) -> FastAPI:
         """The image's top concepts: names, scores, level, hierarchy path and a heatmap each.
 
         The answer's ``Server-Timing`` header says where this replica's time went (ms): ``route``
-        (from the request's arrival in the app to this handler), ``read`` (body, parsing), ``decode`` (image and view), ``model`` (the call to the model replica:
-        ``replica`` inside it, ``compute`` of that the model itself), ``render`` (heatmaps),
-        ``json`` and ``app`` (from the request's arrival in the app to its encoded answer)."""
+        (the request's arrival in the app to this handler), ``read`` (body, parsing), ``decode``
+        (image and view), ``model`` (the call to the model replica: ``replica`` inside it,
+        ``compute`` of that the model itself), ``render`` (heatmaps), ``json`` and ``app`` (the
+        request's arrival in the app to its encoded answer)."""
         t0 = time.perf_counter()
         data, fields = await parse_image_request(request, ExplainBody, limits)
         k = check_top_k(fields.get("top_k", top_k), DEFAULT_TOP_K, limits.max_top_k)
