@@ -99,9 +99,9 @@ class GridCodes(NamedTuple):
 class ImageEncoder:
     """Sparse codes (`GridCodes`) of stacks of patch grids, one (H*W, D) x (D, M) product per image.
 
-    Every image is its own product of the same shape (``addmm`` into a reused
-    block), so a token's code is a function of its image alone, never of which
-    images share its chunk (see the module doc). A block of a few images is
+    Every image is its own product of the same shape (a batched ``baddbmm``
+    into a reused block), so a token's code is a function of its image alone,
+    never of which images share its chunk (see the module doc). A block of a few images is
     thresholded and its entries extracted while it is in cache: the dense
     (B, M) codes are written once, never masked or copied. Same codes as
     ``sae.encode`` up to float rounding of the folded bias; before theta is
@@ -130,12 +130,12 @@ class ImageEncoder:
         with torch.no_grad():
             for s in range(0, b, per):
                 e = min(b, s + per)
-                for j in range(s, e):
-                    x_nd = x[j].view(hw, d)
-                    if self.theta < 0:
-                        block[j - s] = encode_tokens(self.sae, x_nd)
-                    else:
-                        torch.addmm(self.bias_m, x_nd, self.w_dm, out=block[j - s])
+                if self.theta < 0:
+                    for j in range(s, e):
+                        block[j - s] = encode_tokens(self.sae, x[j].view(hw, d))
+                else:  # one batched call, one (H*W, D) x (D, M) product per image: no thread barrier per image
+                    torch.baddbmm(self.bias_m.expand(e - s, 1, m), x[s:e].view(e - s, hw, d),
+                                  self.w_dm.expand(e - s, d, m), out=block[: e - s])
                 pre = block[: e - s].numpy().reshape(-1)
                 flat = np.flatnonzero(pre > floor)
                 values.append(pre[flat])
