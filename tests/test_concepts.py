@@ -473,7 +473,7 @@ def test_concepts_cli_end_to_end(tiny_cache, tiny_champion, tmp_path):
     from insight.models import load_model
 
     _, extracted = tiny_cache
-    run_id = tiny_champion.other_trials()[-1]  # a real sweep trial; no train.cache below: the step finds it by its tag
+    run_id = tiny_champion.other_trials()[0]  # a real sweep trial (the probe test takes the last); no train.cache below: the step finds it by its tag
     uri = tiny_champion.tracking_uri  # the sweep's store; this test's outputs go to its own workdir
     # the step joins the test's running Ray cluster (as it would join a real one) instead of starting its own
     address = ray.get_runtime_context().gcs_address
