@@ -107,8 +107,8 @@ class HandleBackend:
 
     Explain and classify send one model-sized view (at most ``image_size``^2 x 3 bytes) and get a
     small answer back: they go straight to the replica's gRPC server (``_by_reference=False``, the
-    path Ray Serve's throughput-optimised mode uses) instead of through Ray's object store and an
-    actor call: one process hand-off fewer. On the loaded 2-core test machine the call measured
+    path Ray Serve's throughput-optimised mode uses) instead of as a Ray actor call, whose
+    arguments over 100 kB also pass through the object store. On the loaded 2-core machine it measured
     3.4-5.7 ms this way against 5.4 ms by reference, within the noise (docs/benchmarks.md,
     Serving). Segmentation sends the whole image, which can pass gRPC's 4 MB message limit, so
     it stays on Ray's path.
