@@ -47,7 +47,7 @@ from insight.config import SAEConfig  # noqa: E402
 from insight.sae import MatryoshkaSAE  # noqa: E402
 from insight.sae.model import batch_topk  # noqa: E402
 from insight.sae.step import keep_freed_memory  # noqa: E402
-from sae_train import PlantedStream  # noqa: E402
+from sae_train import PlantedStream, dictionary_learning_module  # noqa: E402
 
 
 def dl_formula(x, w_enc, b_enc, b_dec, threshold, max_act_index):
@@ -61,7 +61,7 @@ def dl_formula(x, w_enc, b_enc, b_dec, threshold, max_act_index):
 def dictionary_learning_encode(sae: MatryoshkaSAE) -> tuple[Callable, str]:
     """The peer's encode with our weights; falls back to the formula copy when not installed."""
     try:
-        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
+        MatryoshkaBatchTopKSAE = dictionary_learning_module().MatryoshkaBatchTopKSAE  # noqa: N806
     except Exception as exc:  # not installed here: its formula, same ops
         w = (sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach(), sae.threshold.detach().float())
         why = f"formula copy ({type(exc).__name__})"

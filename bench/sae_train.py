@@ -106,6 +106,33 @@ class PlantedStream:
 # -------------------------------------------------------------- implementations
 
 
+def dictionary_learning_module() -> Any:
+    """dictionary_learning's Matryoshka module, also where its package ``__init__`` cannot import.
+
+    Its ``__init__`` files import every trainer and the activation buffer (nnsight,
+    transformers, ...); the Matryoshka trainer needs torch and einops only. Where
+    the full import fails (a bare GPU image with the wheel installed --no-deps),
+    the two packages are registered without running their ``__init__``.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    name = "dictionary_learning.trainers.matryoshka_batch_top_k"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        spec = importlib.util.find_spec("dictionary_learning")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for pkg, path in (("dictionary_learning", root), ("dictionary_learning.trainers", root / "trainers")):
+            mod = types.ModuleType(pkg)
+            mod.__path__ = [str(path)]
+            sys.modules[pkg] = mod
+        return importlib.import_module(name)
+
+
 class Impl:
     name = "?"
     flops_per_token = 0.0  # executed FLOPs of one training step per token (matmul-level terms)
@@ -148,9 +175,7 @@ class DictionaryLearning(Impl):
     name = "dictionary_learning"
 
     def __init__(self, d: int, m: int, k: int, lr: float, steps: int, seed: int, dead_tokens: int, device: str) -> None:
-        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
-
-        self.trainer = MatryoshkaBatchTopKTrainer(
+        self.trainer = dictionary_learning_module().MatryoshkaBatchTopKTrainer(
             steps=steps,
             activation_dim=d,
             dict_size=m,
