@@ -14,7 +14,9 @@ right reduction is their mean (``reduce_min``); their minimum is biased low
 these samples; the EMA lags behind an encoder that still moves (measured on
 the quickstart: theta 0.044 against a final-weights value of 0.032 after
 ~110 steps, train L0 10 at k = 16), so `calibrate_threshold` re-estimates it
-from a few batches under the final weights when training ends.
+from a few batches under the final weights when training ends, or (the
+trainer's default) `calibrate_threshold_heldout` from held-out images, which a
+small training set does not represent (docs/method.md).
 
 Checkpoints are a directory with ``model.safetensors`` (weights and buffers),
 ``config.json`` (model shape, the caller's config, step, optimizer scalars)
