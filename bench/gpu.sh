@@ -38,7 +38,7 @@ if [[ $MODE == wheels ]]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude  # travels, never committed
   python3 -m pip download -c constraints.txt --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    pydantic pydantic-core annotated-types typing-inspection open_clip_torch ftfy wcwidth
+    pydantic pydantic-core annotated-types typing-inspection open_clip_torch ftfy wcwidth dictionary-learning==0.1.0
   du -sh .whl
   exit $?
 fi
@@ -67,7 +67,7 @@ if [[ $MODE == dry ]]; then
   ENCODE="--d-in 64 --batch 256 --repeats 3 --threads 1"
   EXTRACT_MODEL=tiny EXTRACT="--images 2 --views 2 --rounds 1 --batch 4 --threads 1"
   SERVE="--quick --latency-only --seconds 2"
-  RAY_T=240  # Ray start-up and actor scheduling dominate at tiny sizes on a busy machine
+  RAY_T=300  # Ray start-up and actor scheduling dominate at tiny sizes on a busy machine
 else
   DEVICE="${DEVICE:-cuda}"
   TOTAL_S="${TOTAL_S:-540}"  # one device call may run 600 s

@@ -162,12 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         z = sae.encode(x)
         codes = sae.encode_sparse(x)
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
         checks = {"insight.encode_sparse": bool(torch.equal(codes.to_dense() != 0, z != 0))}
+        # the peers round differently (x - b_dec first): codes within rounding of theta may flip, so
+        # agreement = the same support on all but 0.1 % (bf16: 1 %) of the codes, equal values where both fire
+        tol, max_flips = (1e-4, 1e-3) if dtype == torch.float32 else (5e-2, 1e-2)
         for name in ("dictionary_learning", "sae_lens"):
             if name in fns:
-                zp = fns[name](x)
-                checks[name] = bool(torch.allclose(zp.float(), z.float(), atol=tol, rtol=0))
+                zp = fns[name](x).float()
+                both = (zp != 0) & (z != 0)
+                flips = int(((zp != 0) ^ (z != 0)).sum())
+                close = torch.allclose(zp[both], z.float()[both], atol=tol, rtol=tol)
+                checks[name] = bool(close and flips <= max_flips * max(1, int(both.sum())))
         l0 = codes.nnz / batch
     print(f"codes per row (L0) {l0:.1f}; outputs agree with insight.encode: {checks}")
     for name, why in notes.items():
