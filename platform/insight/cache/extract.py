@@ -172,7 +172,7 @@ class ShardWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"shard": [], "meta": []}
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
-            begun, t0 = time.time(), time.perf_counter()
+            begun, t0, cpu0 = time.time(), time.perf_counter(), time.process_time()
             t = dict.fromkeys(("decode", "augment", "prep_wait", "model_wait", "forward", "copy", "write"), 0.0)
             ids, idx, feats, skipped = self._encode(self.items[int(start) : int(stop)], t)
             t1 = time.perf_counter()
@@ -185,6 +185,7 @@ class ShardWorker:
             t["write"] = time.perf_counter() - t1
             side = {"info": asdict(info), "skipped": skipped, "seconds": time.perf_counter() - t0,
                     "stages": {k: round(v, 4) for k, v in t.items()}, "span": [begun, time.time()],
+                    "cpu": [cpu0, time.process_time()],  # the replica process's CPU seconds (all its threads)
                     "replica_init_s": round(self.init_s, 3), "replica": self.replica}
             atomic_write(self.fs, join(self.path, "shards", name.replace(".parquet", ".json")),
                          json.dumps(side).encode(), guard=guard)
