@@ -54,53 +54,6 @@ def sample_png(name: str = "astronaut", size: int | None = 160) -> bytes:
     return png_bytes(rgb)
 
 
-def train_tiny_model(root: Path, steps: int = 40, overrides: tuple[str, ...] = ()) -> Path:
-    """A checkpoint folder for bench/serve_load.py (which serves a folder, not a registered model):
-    a real Matryoshka SAE on the tiny backbone's features of the bundled images (2 views each).
-
-    Trains in-process with the library's own step; past ``sae.threshold_start_step`` so inference
-    uses the learned theta. Tests use the session's `tiny_champion` instead.
-    ``overrides`` (--set style) change the profile, e.g. a random-init ViT-B-16 for benchmarks.
-    """
-    import torch
-
-    from insight.config import load_config
-
-    cfg = load_config(TINY, [f"workdir={root}", *overrides])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core machine, more threads only spin against other processes
-    try:
-        return _train(cfg, root, steps)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(cfg, root: Path, steps: int) -> Path:
-    import torch
-
-    from insight.backbones import build_backbone
-    from insight.data.samples import sample_images
-    from insight.data.transforms import Preprocessor
-    from insight.sae import MatryoshkaSAE, make_optimizer, save_sae, train_step
-
-    torch.manual_seed(0)
-    backbone = build_backbone(cfg.backbone)
-    pre = Preprocessor(backbone.image_size, backbone.mean, backbone.std, cfg.data.augment)
-    views = [pre(rgb, name, v) for name, rgb in sorted(sample_images().items()) for v in range(2)]
-    feats = torch.cat([backbone.encode_patches(torch.from_numpy(np.stack(views[i : i + 32])))
-                       for i in range(0, len(views), 32)])
-    tokens = feats.reshape(-1, feats.shape[-1])
-    sae = MatryoshkaSAE.from_config(tokens.shape[1], cfg.sae, seed=0)
-    sae.init_from_batch(tokens[:2048])
-    opt = make_optimizer(sae, cfg.train.lr)
-    gen = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        idx = torch.randint(0, len(tokens), (cfg.train.batch_size,), generator=gen)
-        train_step(sae, opt, tokens[idx], cfg.sae, step)
-    assert float(sae.threshold) > 0, "the tiny SAE never learned its inference threshold"
-    return save_sae(root / "model" / "sae", sae, cfg.to_dict(), step=steps)
-
-
 @dataclass
 class Served:
     url: str
@@ -167,4 +120,4 @@ def release_serve_when_done(request):
 
 
 __all__ = ["API_KEY", "LIMITS", "ROOT", "Served", "free_port", "png_bytes", "sample_png",
-           "release_serve_when_done", "served", "tiny_model", "train_tiny_model"]
+           "release_serve_when_done", "served", "tiny_model"]
