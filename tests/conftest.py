@@ -163,3 +163,43 @@ def tiny_champion(tmp_path_factory, tiny_cache) -> TinyChampion:
     concepts = mine_concepts(mining, "models:/insight@champion", cache=extracted["cache"])
     model = load_model("models:/insight@champion", tracking_uri=uri, dst=str(root / "champion"))
     return TinyChampion(root=root, tracking_uri=uri, sweep=out, concepts=concepts, checkpoint=model.checkpoint)
+
+
+@dataclass
+class TinyProbe:
+    run_id: str  # the sweep trial (not the champion) that `insight evaluate --probe` trained a probe for
+    result: dict  # what evaluate returned
+    heldout: int  # how many of the 10 images the probe's validation split holds
+
+    @property
+    def folder(self) -> Path:
+        """The probe folder the step wrote (the same files it attached to the model's run)."""
+        return Path(self.result["out_dir"]) / "probe"
+
+
+@pytest.fixture(scope="session")
+def tiny_probe(tmp_path_factory, tiny_champion) -> TinyProbe:
+    """The real evaluate step with ``--probe``, once per session, on 10 bundled images in two class
+    folders ("photo", "pattern"), for a non-champion trial of the session's sweep: the served champion
+    stays probe-less; tests that need a probe use this step's output."""
+    from PIL import Image
+
+    from insight.cache.format import is_validation
+    from insight.config import load_config
+    from insight.data.samples import sample_images
+    from insight.tasks.evaluate import evaluate
+
+    work = tmp_path_factory.mktemp("probe")
+    run_id = tiny_champion.other_trials()[-1]
+    photos = sample_images()
+    ids = [f"{cls}/{name}" for cls, names in {"photo": ["chelsea", "horse", "coffee", "astronaut", "camera"],
+                                                "pattern": ["checkerboard", "text", "page", "coins", "gravel"]}.items()
+           for name in names]
+    for image_id in ids:
+        (work / "data" / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photos[image_id.split("/")[1]]).save(work / "data" / f"{image_id}.png")
+    cfg = load_config(TINY, [f"workdir={work}", f"tracking.uri={tiny_champion.tracking_uri}", "data.kind=folder",
+                             f"data.root={work / 'data'}", "tasks.pictures=0", "tasks.probe_epochs=2",
+                             "tasks.probe_val_fraction=0.2"])
+    result = evaluate(cfg, run_id, task="classification", probe=True)
+    return TinyProbe(run_id=run_id, result=result, heldout=sum(is_validation(i, 0.2) for i in ids))

@@ -460,10 +460,13 @@ def test_config_yaml_and_build_app_args(tiny_model, monkeypatch):
             check_model(missing, tiny_model.tracking_uri)
 
 
-def test_engine_uses_the_models_concepts_and_probe(tiny_model, tmp_path):
+def test_engine_uses_the_models_concepts_and_probe(tiny_model, tiny_probe, tmp_path):
     """Names, hierarchy paths and galleries come from the concept table the concepts step mined for the
-    champion; a model loaded from its checkpoint folder finds them beside it, and its probe too."""
-    import torch
+    champion; a model loaded from its checkpoint folder finds them beside it, and its probe too (the probe
+    `insight evaluate --probe` trained in conftest.tiny_probe, put where that step puts it for a checkpoint
+    folder model)."""
+    import shutil
+
     from serve.engine import Engine, ModelLoader
 
     from insight.concepts.galleries import gallery_name
@@ -472,14 +475,13 @@ def test_engine_uses_the_models_concepts_and_probe(tiny_model, tmp_path):
 
     lm = load_model("models:/insight@champion", tracking_uri=tiny_model.tracking_uri, dst=str(tmp_path / "m"))
     table = lm.concepts
-    probe_w = torch.zeros(3, 256)
-    probe_w[1, :128] = 1.0  # a probe whose class "b" is evidence from the first 128 concepts
-    ConceptProbe(probe_w, ["a", "b", "c"]).save(lm.checkpoint.parent / "probe")
+    shutil.copytree(tiny_probe.folder, lm.checkpoint.parent / "probe")
+    probe = ConceptProbe.load(tiny_probe.folder)
     engine = Engine(ModelLoader(str(lm.checkpoint))())
     info = engine.info()
     assert engine.concepts.named and info["concepts_named"] and info["concepts_source"] == "concept table"
     assert info["uri"].startswith("checkpoint:sha256=") and str(tmp_path) not in json.dumps(info)
-    assert info["has_probe"] and info["probe_classes"] == ["a", "b", "c"]
+    assert info["has_probe"] and info["probe_classes"] == probe.class_names == ["pattern", "photo"]
     child = next(c for c in table if c.parents)
     d = engine.concept_detail(child.id)
     assert d["name"] == child.name and d["parents"][0]["id"] == child.parents[0]
@@ -496,11 +498,14 @@ def test_engine_uses_the_models_concepts_and_probe(tiny_model, tmp_path):
     raw = engine.explain_batch([view.pixels], [5])[0]
     assert all(c["name"] for c in raw.concepts) and all(c["path"][-1]["id"] == c["id"] for c in raw.concepts)
     probed = engine.classify(view.pixels, None, 3)
-    assert probed["mode"].startswith("probe") and [c["class"] for c in probed["classes"]][0] == "b"
-    top = probed["classes"][0]
-    contributions = [c["contribution"] for c in top["concepts"]]
-    assert contributions == sorted(contributions, reverse=True) and top["logit"] >= sum(contributions) - 1e-5
-    assert all(c["id"] < 128 and c["contribution"] > 0 and c["name"] for c in top["concepts"])
+    assert probed["mode"].startswith("probe") and {c["class"] for c in probed["classes"]} == {"pattern", "photo"}
+    assert probed["classes"][0]["score"] >= probed["classes"][1]["score"]
+    assert any(k["concepts"] for k in probed["classes"])
+    for k in probed["classes"]:
+        contributions = [c["contribution"] for c in k["concepts"]]
+        assert contributions == sorted(contributions, reverse=True) and probe.class_names[k["index"]] == k["class"]
+        # a contribution is w[class, concept] * (the concept's pooled code, >= 0): it has the weight's sign
+        assert all(c["contribution"] > 0 and probe.weight_cm[k["index"], c["id"]] > 0 and c["name"] for c in k["concepts"])
 
 
 def test_static_files_are_self_contained():

@@ -429,36 +429,20 @@ def test_evaluate_cli_end_to_end(tiny_champion, tmp_path):
     assert bad.exit_code == 2 and "no COCO category" in bad.output
 
 
-def test_evaluate_probe_is_found_with_the_model(tiny_champion, tmp_path):
-    """`insight evaluate --probe` on a real trial of the session's sweep: the probe it trains lands in the
-    model's run, where load_model fetches it and the server's engine finds it."""
+def test_evaluate_probe_is_found_with_the_model(tiny_champion, tiny_probe, tmp_path):
+    """`insight evaluate --probe` on a real trial of the session's sweep (conftest.tiny_probe): the probe it
+    trains lands in the model's run, where load_model fetches it and the server's engine finds it."""
     import mlflow
     from serve.engine import Engine
 
-    from insight.cache.format import is_validation
-    from insight.config import load_config
-    from insight.data.samples import sample_images
     from insight.models import load_model
     from insight.tasks.classification import ConceptProbe
-    from insight.tasks.evaluate import evaluate
 
-    run_id = tiny_champion.other_trials()[-1]  # not the champion: the served model stays probe-less
-    photos = sample_images()
-    ids = [f"{cls}/{name}" for cls, names in {"photo": ["chelsea", "horse", "coffee", "astronaut", "camera"],
-                                                "pattern": ["checkerboard", "text", "page", "coins", "gravel"]}.items()
-           for name in names]
-    for image_id in ids:
-        (tmp_path / "data" / image_id).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(photos[image_id.split("/")[1]]).save(tmp_path / "data" / f"{image_id}.png")
-    held = sum(is_validation(i, 0.2) for i in ids)
-    assert 0 < held < len(ids) - 1  # both splits hold images (the ids hash to 2 of 10 here)
-    cfg = load_config(TINY, [f"workdir={tmp_path}", f"tracking.uri={tiny_champion.tracking_uri}", "data.kind=folder",
-                             f"data.root={tmp_path / 'data'}", "tasks.pictures=0", "tasks.probe_epochs=2",
-                             "tasks.probe_val_fraction=0.2"])
-    res = evaluate(cfg, run_id, task="classification", probe=True)
+    run_id, res, held = tiny_probe.run_id, tiny_probe.result, tiny_probe.heldout
+    assert 0 < held < 9  # both splits hold images (the ids hash to 2 of 10 here)
     assert res["classification_images"] == 10 and res["probe_heldout_images"] == held
     assert res["probe_run_id"] == run_id and 0 <= res["probe_top1"] <= 1
-    saved = ConceptProbe.load(Path(res["out_dir"]) / "probe")
+    saved = ConceptProbe.load(tiny_probe.folder)
     client = mlflow.MlflowClient(tiny_champion.tracking_uri)
     assert client.get_run(run_id).data.tags["insight.probe_run_id"] == res["run_id"]
 
