@@ -54,7 +54,7 @@ cluster-down: $(STAMP)
 	@bash scripts/cluster-down.sh $(VENV)
 
 # Brings the topology up from nothing, runs the pipeline on it up to a served champion, loses
-# nodes, restarts MLflow; installs postgresql and chromium when missing (.ci/run calls it).
+# nodes, restarts MLflow; installs postgresql and chromium when missing.
 test-cluster: $(STAMP) browser postgresql
 	$(PY) -m pytest -q -m cluster tests/test_cluster_topology.py
 
