@@ -111,7 +111,6 @@ def write_report(path: str | os.PathLike, title: str, summary: str, sections: li
             parts.append(f"<pre>{html.escape(s.code)}</pre>")
         parts.append("</section>")
     parts.append("</body></html>")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    from insight.atomic import write_atomic
+
+    return write_atomic(out, "".join(parts).encode("utf-8"))

@@ -44,7 +44,6 @@ import functools
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,15 +211,11 @@ def embedding_key(identity: dict[str, Any], words: list[str], templates: list[st
 
 
 def _atomic_save(path: Path, text_vd: np.ndarray, words: list[str]) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-    try:
-        save_file({"text": np.ascontiguousarray(text_vd, np.float32)}, str(tmp), metadata={"words": json.dumps(words)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from insight.atomic import write_atomic
+
+    write_atomic(path, save({"text": np.ascontiguousarray(text_vd, np.float32)}, metadata={"words": json.dumps(words)}))
 
 
 def embed_vocabulary(backbone_cfg: Any, words: list[str], cache_dir: str | os.PathLike[str],
