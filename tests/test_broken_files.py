@@ -18,7 +18,14 @@ import pytest
 
 from conftest import ROOT, TINY
 
-SHARD = "shard-00002.parquet"
+SHARD = 2  # the shard most tests damage, by position
+
+
+def shard_file(cache: str | Path, position: int) -> str:
+    """The file name of the cache's shard at ``position`` (an extracted shard's name carries its checksum)."""
+    from insight.cache import CacheReader
+
+    return CacheReader(str(cache)).manifest.shards[position].name
 
 
 def invoke(*args):
@@ -41,15 +48,16 @@ def last_json(stdout: str) -> dict:
 
 @pytest.fixture()
 def damaged(tiny_cache, tmp_path):
-    """damage(kind, shard=SHARD) -> a copy of the tiny cache with that shard truncated, altered or emptied."""
+    """damage(kind, shards=(SHARD,)) -> a copy of the tiny cache with those shards (by position) truncated,
+    altered or emptied."""
     _, result = tiny_cache
 
     def damage(*kinds: str, shards=(SHARD,)) -> Path:
         loc = tmp_path / "cache" / result["key"]
         if not loc.exists():
             shutil.copytree(result["cache"], loc)
-        for kind, name in zip(kinds, shards, strict=True):
-            f = loc / "shards" / name
+        for kind, position in zip(kinds, shards, strict=True):
+            f = loc / "shards" / shard_file(loc, position)
             data = bytearray(f.read_bytes())
             if kind == "truncated":
                 data = data[: len(data) // 2]
@@ -72,7 +80,7 @@ def test_train_on_a_bad_shard_fails_before_ray_train_and_names_it(damaged, tmp_p
     took = time.perf_counter() - t0
     assert r.exit_code == 2, r.output[-3000:]
     err = last_json(r.stdout)["error"]
-    assert f"{loc}/shards/{SHARD}" in err and f"insight cache verify {loc}" in err
+    assert f"{loc}/shards/{shard_file(loc, SHARD)}" in err and f"insight cache verify {loc}" in err
     assert ("truncated" if kind == "truncated" else "checksum mismatch") in err
     assert "Traceback" not in r.output
     # Nothing started: no Ray Train run folder, no checkpoint, no MLflow run.
@@ -93,14 +101,15 @@ def test_a_shard_that_goes_bad_after_the_check_is_named_from_inside_ray(damaged,
         reader.to_ray_dataset("train", cfg.cache.val_fraction).materialize()
     assert not isinstance(info.value, ShardError)  # Ray's wrapper ...
     found = cache_error_in(info.value)  # ... carries the shard-naming error
-    assert isinstance(found, ShardError) and found.shard == SHARD and found.problem.endswith("checksum mismatch")
+    name = shard_file(loc, SHARD)
+    assert isinstance(found, ShardError) and found.shard == name and found.problem.endswith("checksum mismatch")
     assert found.location == str(loc)
     # A plain Ray task (concepts mines shards in tasks): the error crosses intact.
-    bad = next(s for s in reader.manifest.shards if s.name == SHARD)
+    bad = next(s for s in reader.manifest.shards if s.name == name)
     with pytest.raises(Exception) as info:
         ray_local.get(ray_local.remote(lambda: reader.read_shard(bad)).remote())
     found = cache_error_in(info.value)
-    assert isinstance(found, ShardError) and found.shard == SHARD and str(loc) in str(found)
+    assert isinstance(found, ShardError) and found.shard == name and str(loc) in str(found)
 
 
 def test_verify_names_every_bad_shard_and_exits_cleanly_every_time(damaged, tiny_cache):
@@ -109,7 +118,9 @@ def test_verify_names_every_bad_shard_and_exits_cleanly_every_time(damaged, tiny
     _, result = tiny_cache
     ok = run_cli("cache", "verify", result["cache"])
     assert ok.returncode == 0 and last_json(ok.stdout)["verified"] is True
-    loc = damaged("empty", "altered", shards=("shard-00003.parquet", "shard-00005.parquet"))
+    loc = damaged("empty", "altered", shards=(3, 5))
+    third, fifth = shard_file(loc, 3), shard_file(loc, 5)
+    assert third.startswith("shard-00003-") and fifth.startswith("shard-00005-")  # named by position and content
     procs = [subprocess.Popen([sys.executable, "-m", "insight.cli", "cache", "verify", str(loc)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
     for p in procs:
@@ -117,8 +128,8 @@ def test_verify_names_every_bad_shard_and_exits_cleanly_every_time(damaged, tiny
         assert p.returncode == 2, err[-2000:]
         assert "terminate called" not in err and "Traceback" not in err
         msg = last_json(out)["error"]
-        assert "2 of 7 shards" in msg and "shard-00003.parquet is corrupt" in msg
-        assert "shard-00005.parquet is corrupt: checksum mismatch" in msg
+        assert "2 of 7 shards" in msg and f"{third} is corrupt" in msg
+        assert f"{fifth} is corrupt: checksum mismatch" in msg
 
 
 def test_decoding_a_shard_leaves_nothing_to_arrows_threads(tiny_cache):

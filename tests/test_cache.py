@@ -49,13 +49,18 @@ def test_interrupted_extraction_resumes(tiny_cfg, ray_local, tmp_path):
     loc = Path(first["cache"])
     before = {p.name: p.stat().st_mtime_ns for p in (loc / "shards").glob("*.parquet")}
     assert len(before) == 3
-    # Simulate a crash: the manifest never got written and one shard is lost.
+    names = [s.name for s in CacheReader(str(loc)).manifest.shards]
+    assert sorted(names) == sorted(before) and [n[:12] for n in names] == [f"shard-{i:05d}-" for i in range(3)]
+    # Simulate a crash: the manifest never got written, one shard is lost, and another was written
+    # twice (a replica on a lost node and its retry): its orphaned twin must not survive completion.
     os.remove(loc / "manifest.json")
-    os.remove(loc / "shards" / "shard-00001.parquet")
+    os.remove(loc / "shards" / names[1])
+    twin = loc / "shards" / "shard-00002-000000000000.parquet"
+    twin.write_bytes((loc / "shards" / names[2]).read_bytes()[:100])
     second = extract(cfg, progress=False)
     assert second["new_shards"] == 1 and second["tokens"] == first["tokens"] == 12 * 49
     after = {p.name: p.stat().st_mtime_ns for p in (loc / "shards").glob("*.parquet")}
-    assert after["shard-00000.parquet"] == before["shard-00000.parquet"]
+    assert after[names[0]] == before[names[0]] and not twin.exists() and len(after) == 3
     reader = CacheReader(str(loc))
     assert reader.manifest.dtype == "float16"
     assert not list((loc / "shards").glob(".tmp-*"))

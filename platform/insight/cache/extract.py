@@ -3,7 +3,12 @@
 The work list is fixed up front: every (image, view) gets an index, and shard i
 holds indices [i*S, (i+1)*S). That makes a shard's content a pure function of
 the config, so a rerun skips shards whose sidecar exists (resume) and a
-finished cache (manifest present) costs nothing (idempotence). Shards are the
+finished cache (manifest present) costs nothing (idempotence). A shard file is
+named by its content (``shard-00012-<sha256 prefix>.parquet``; the sidecar and the
+manifest name it): when a shard is written twice (a replica on a lost node and
+its retry, whose bytes may differ in the last float bits), each write lands in
+its own file, so the manifest can never pair one write's checksum with the
+other's bytes; the files it does not name are removed when it is written. Shards are the
 unit of work of a pool of backbone replicas (Ray Data actors, GPUs when
 configured); the driver only collects small metadata rows and shows progress.
 """
@@ -33,6 +38,7 @@ from insight.cache.format import (
     read_bytes,
     resolve_fs,
     sha256,
+    shard_file_name,
 )
 from insight.cache.locate import cache_location
 from insight.cache.lock import ExtractionLock, make_guard
@@ -177,9 +183,10 @@ class ShardWorker:
             ids, idx, feats, skipped = self._encode(self.items[int(start) : int(stop)], t)
             t1 = time.perf_counter()
             data = encode_shard(ids, idx, feats, self.cfg.cache.dtype)
-            name = f"shard-{int(shard):05d}.parquet"
+            digest = sha256(data)
+            name = shard_file_name(int(shard), digest)
             info = ShardInfo(name=name, images=len(ids), tokens=len(ids) * self.grid[0] * self.grid[1],
-                             sha256=sha256(data), bytes=len(data), first_index=int(start))
+                             sha256=digest, bytes=len(data), first_index=int(start))
             guard = make_guard(self.fs, self.path, self.token, f"shard {name}")
             atomic_write(self.fs, join(self.path, "shards", name), data, guard=guard)
             t["write"] = time.perf_counter() - t1
@@ -187,7 +194,7 @@ class ShardWorker:
                     "stages": {k: round(v, 4) for k, v in t.items()}, "span": [begun, time.time()],
                     "cpu": [cpu0, time.process_time()],  # the replica process's CPU seconds (all its threads)
                     "replica_init_s": round(self.init_s, 3), "replica": self.replica}
-            atomic_write(self.fs, join(self.path, "shards", name.replace(".parquet", ".json")),
+            atomic_write(self.fs, join(self.path, "shards", f"shard-{int(shard):05d}.json"),
                          json.dumps(side).encode(), guard=guard)
             out["shard"].append(int(shard))
             out["meta"].append(json.dumps(side))
@@ -240,11 +247,12 @@ def _extract_locked(cfg, progress: bool, dataset, backbone, identity: dict[str, 
     done: dict[int, dict] = {}
     for s, _, _ in plan:
         side = join(path, "shards", f"shard-{s:05d}.json")
-        shard = fs.get_file_info(side.replace(".json", ".parquet"))
-        if exists(fs, side) and shard.type == pafs.FileType.File:
-            rec = json.loads(read_bytes(fs, side))
-            if shard.size == rec["info"]["bytes"]:  # else redo: the pair does not belong together
-                done[s] = rec
+        if not exists(fs, side):
+            continue
+        rec = json.loads(read_bytes(fs, side))
+        shard = fs.get_file_info(join(path, "shards", rec["info"]["name"]))
+        if shard.type == pafs.FileType.File and shard.size == rec["info"]["bytes"]:  # else redo it
+            done[s] = rec
     todo = [p for p in plan if p[0] not in done]
     log.info("extract: %d images x %d views -> %d shards (%d done, %d to do) at %s",
              len(dataset), cfg.data.views, len(plan), len(done), len(todo), location)
@@ -291,8 +299,11 @@ def _extract_locked(cfg, progress: bool, dataset, backbone, identity: dict[str, 
         manifest.shards.append(ShardInfo(**done[s]["info"]))
         manifest.skipped.update(done[s]["skipped"])
     atomic_write(fs, join(path, "manifest.json"), manifest.to_json().encode(), guard=lock.guard("the manifest"))
+    named = {info.name for info in manifest.shards}
     for f in fs.get_file_info(pafs.FileSelector(join(path, "shards"), allow_not_found=True)):
-        if f.base_name.startswith(".tmp-"):  # left by killed workers; live ones of this run are done
+        # .tmp- files left by killed workers (live ones of this run are done), and the shard files of a
+        # shard written twice (a lost node's replica and its retry) that the manifest does not name
+        if f.base_name.startswith(".tmp-") or (f.base_name.endswith(".parquet") and f.base_name not in named):
             fs.delete_file(f.path)
     if manifest.skipped:
         log.warning("extract: skipped %d unreadable images: %s", len(manifest.skipped),

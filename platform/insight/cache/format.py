@@ -3,7 +3,8 @@
 Layout under ``<root>/<key>/`` (``key`` = hash of what made the features):
 
     manifest.json            written last; its presence means "complete"
-    shards/shard-00000.parquet
+    shards/shard-00000-<sha>.parquet  the file names its content (extraction; imported
+                                      caches use shard-00000.parquet); the manifest names each
     shards/shard-00000.json  sidecar written after its shard; lets a resumed
                              extraction skip finished shards
 
@@ -190,6 +191,11 @@ class Manifest:
 
 
 # ------------------------------------------------------------------ shards
+
+
+def shard_file_name(index: int, digest: str) -> str:
+    """An extracted shard's file name: its position and the start of its sha256."""
+    return f"shard-{index:05d}-{digest[:12]}.parquet"
 
 
 def encode_shard(ids: list[str], indices: list[int], feats_nhwd: np.ndarray, dtype: str) -> pa.Buffer:
