@@ -307,7 +307,7 @@ def main() -> None:
     from serve.app import build_app
     from serve.engine import Engine, ModelLoader
 
-    from conftest import free_port
+    from insight.localcluster import free_port
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     t_setup = time.perf_counter()

@@ -10,44 +10,15 @@ offline_env()
 os.environ.setdefault("INSIGHT_LOG", "WARNING")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from insight.localcluster import free_port, wait_until  # noqa: E402,F401 - the tests' port and polling helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(what: str, cond, timeout: float = 60, every: float = 0.2,
-               proc: subprocess.Popen | None = None, log: Path | None = None):
-    """Poll ``cond`` until it returns something truthy (returned). A ``cond`` that raises counts as not
-    ready yet (a server still starting refuses connections); a ``proc`` that exits first fails at once,
-    with the tail of its ``log``."""
-    def tail() -> str:
-        return log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {proc.returncode}\n{tail()}")
-        try:
-            got = cond()
-        except Exception:  # noqa: BLE001 - not up yet
-            got = None
-        if got:
-            return got
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s\n{tail()}")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -102,7 +102,7 @@ def served(ray_local, tiny_model):
     app = build_app(args)
     serve.run(app, name="insight", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_until("serve /healthz", lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200)
+    wait_until("serve /healthz", lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, 60, every=0.2)
     yield Served(url=url, key=API_KEY, checkpoint=ckpt, tracking_uri=uri, root=root)
     _shutdown()
 

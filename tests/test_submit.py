@@ -70,7 +70,7 @@ def _wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout
     import requests
 
     wait_until(f"ray dashboard at {address}", lambda: requests.get(f"{address}/api/version", timeout=2).status_code == 200,
-               timeout=timeout_s, every=0.5, proc=proc, log=log)
+               timeout_s, proc=proc, log=log)
 
 
 @pytest.fixture(scope="module")

@@ -45,21 +45,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(what: str, ready, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+def wait_until(what: str, ready, timeout_s: float, proc: subprocess.Popen | None = None,
+               log: Path | None = None, every: float = 0.5):
+    """Poll ``ready`` until it returns something truthy, and return that. A ``ready`` that raises
+    counts as not ready yet (a server still starting refuses connections); a ``proc`` that exits
+    first fails at once, with the tail of its ``log``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
         try:
-            if ready():
-                return
+            got = ready()
         except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.5)
+            got = None
+        if got:
+            return got
+        time.sleep(every)
     raise RuntimeError(f"{what} not ready after {timeout_s:.0f} s:\n{_tail(log)}")
 
 
-def _tail(log: Path) -> str:
+def _tail(log: Path | None) -> str:
+    if log is None:
+        return ""
     try:
         return log.read_text(errors="replace")[-3000:]
     except OSError:
@@ -143,7 +150,7 @@ class LocalCluster:
             return subprocess.run([_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
                                   capture_output=True).returncode == 0
 
-        _wait("postgres", ready, proc, log, timeout_s)
+        wait_until("postgres", ready, timeout_s, proc=proc, log=log)
         subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "insight", "mlflow"],
                        check=True, capture_output=True)
         self.urls["postgres"] = f"{url}/mlflow"
@@ -154,7 +161,8 @@ class LocalCluster:
         port = free_port()
         proc = self._spawn("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
         url = f"http://127.0.0.1:{port}"
-        _wait("moto S3 server", lambda: _http_ok(f"{url}/moto-api/"), proc, Path(self.procs["s3"]["log"]), timeout_s)
+        wait_until("moto S3 server", lambda: _http_ok(f"{url}/moto-api/"), timeout_s, proc=proc,
+                   log=Path(self.procs["s3"]["log"]))
         self.urls["s3"] = url
         self.env.update({**CREDENTIALS, "AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url})
         import boto3
@@ -174,7 +182,8 @@ class LocalCluster:
                "--artifacts-destination", "s3://mlflow/artifacts"]
         proc = self._spawn("mlflow", cmd, port=port)
         url = f"http://127.0.0.1:{port}"
-        _wait("mlflow server", lambda: _http_ok(f"{url}/health"), proc, Path(self.procs["mlflow"]["log"]), timeout_s)
+        wait_until("mlflow server", lambda: _http_ok(f"{url}/health"), timeout_s, proc=proc,
+                   log=Path(self.procs["mlflow"]["log"]))
         self.urls["mlflow"] = url
         self.env["MLFLOW_TRACKING_URI"] = url
         self.save()
@@ -197,8 +206,8 @@ class LocalCluster:
         self.urls["ray_dashboard"] = f"http://127.0.0.1:{head_ports['dashboard-port']}"
         self.save()
         head = self.procs["ray-head"]
-        _wait("ray head", lambda: _http_ok(f"{self.urls['ray_dashboard']}/api/version"),
-              _Pid(head["pid"]), Path(head["log"]), timeout_s)
+        wait_until("ray head", lambda: _http_ok(f"{self.urls['ray_dashboard']}/api/version"), timeout_s,
+                   proc=_Pid(head["pid"]), log=Path(head["log"]))
         self._await_node("ray-head", lambda n: n.is_head_node, timeout_s)
         for i in range(1, workers + 1):
             self.add_ray_worker(i, cpus_per_worker, timeout_s=timeout_s)
