@@ -59,6 +59,21 @@ def test_patch_and_text_share_the_joint_space(tiny):
     assert bb.encode_patches(torch.zeros(1, 3, 112, 112)).shape[-1] == text.shape[-1]
 
 
+def test_unit_patch_norm_scales_patches_only(tiny):
+    """backbone.patch_norm=unit: each patch is the plain one scaled to length 1, text is unchanged, and the
+    identity (the cache address) differs, so unit and plain features never share a cache."""
+    from insight.config import config_with
+
+    plain = build_backbone(tiny.backbone, device="cpu")
+    unit = build_backbone(config_with(tiny, {"backbone.patch_norm": "unit"}).backbone, device="cpu")
+    x = torch.randn(2, 3, 112, 112)
+    a, b = plain.encode_patches(x), unit.encode_patches(x)
+    assert not torch.allclose(a.norm(dim=-1), torch.ones(2, 7, 7), atol=1e-3)  # the plain ones are not unit
+    torch.testing.assert_close(b, F.normalize(a, dim=-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unit.encode_text(["a dog"]), plain.encode_text(["a dog"]), rtol=0, atol=0)
+    assert unit.identity() == {**plain.identity(), "patch_norm": "unit"}
+
+
 def test_larger_input_interpolates_positions(tiny):
     from insight.config import config_with
 

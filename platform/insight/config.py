@@ -120,6 +120,13 @@ class BackboneConfig(Section):
         " named set: default (eight short ones) or imagenet80 (CLIP's 80 ImageNet templates, the reference).",
     )
     dinoiser: DinoiserConfig = Field(default_factory=DinoiserConfig)
+    patch_norm: Literal["none", "unit"] = Field(
+        "none",
+        description="Scaling of every patch vector before it is cached and encoded. none: as the backbone gives"
+        " it (the reference). unit: length 1, so the SAE's squared error weighs every patch alike instead of by"
+        " its squared norm (the offline backbone's patch norms spread over a factor of ten; docs/method.md)."
+        " Text comparisons use cosine, which it leaves unchanged; the cache is keyed on it.",
+    )
     offline_route: Literal["probs", "logits", "devise"] = Field(
         "probs",
         description="Offline joint space: probs/logits = the classifier's 1000 ImageNet classes (texts mapped"

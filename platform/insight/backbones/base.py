@@ -33,6 +33,29 @@ class Backbone(Protocol):
         ...
 
 
+def finish_patches(feats: torch.Tensor, patch_norm: str) -> torch.Tensor:
+    """Apply ``backbone.patch_norm`` to a backbone's (..., D) patch vectors.
+
+    ``unit`` scales every patch to length 1. The SAE's squared error weighs a
+    patch by its squared norm; where norms spread widely (the offline
+    backbone's class distributions: a factor of ten between a patch the
+    classifier has no opinion on and a confident one) it then reconstructs
+    the strong patches and leaves the faint half almost unexplained, and
+    BatchTopK gives faint patches fewer concepts. Every consumer that
+    compares patches with text uses cosine, which the scaling leaves alone.
+    """
+    if patch_norm == "none":
+        return feats
+    if patch_norm == "unit":
+        return feats / torch.linalg.vector_norm(feats, dim=-1, keepdim=True).clamp_min(1e-12)
+    raise ValueError(f"backbone.patch_norm must be none or unit, got {patch_norm!r}")
+
+
+def patch_identity(ident: dict[str, Any], patch_norm: str) -> dict[str, Any]:
+    """A backbone's identity with its patch scaling (absent for ``none``: older caches keep their address)."""
+    return ident if patch_norm == "none" else {**ident, "patch_norm": patch_norm}
+
+
 def embed_classnames(
     backbone: Backbone, names: list[str], templates: list[str], batch: int = 256
 ) -> torch.Tensor:

@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insight.atomic import write_atomic
+from insight.backbones.base import finish_patches, patch_identity
 from insight.backbones.openclip import resolve_device
 
 log = logging.getLogger(__name__)
@@ -334,7 +335,7 @@ class OfflineBackbone(nn.Module):
         }
         if self.route != "devise":
             ident["text_tau"] = self.cfg.offline_text_tau
-        return ident
+        return patch_identity(ident, self.cfg.patch_norm)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         prec = self.cfg.precision
@@ -356,7 +357,7 @@ class OfflineBackbone(nn.Module):
             logits = F.linear(feats_bhwc, head.weight.float(), head.bias.float())
             out = logits.softmax(-1) if self.route == "probs" else logits
             out = out - out.mean(-1, keepdim=True)
-        return out.contiguous().cpu()
+        return finish_patches(out, self.cfg.patch_norm).contiguous().cpu()
 
     def minilm(self, texts: list[str]) -> torch.Tensor:
         """MiniLM embeddings (N, 384): cached prompt-bank rows where present, the encoder otherwise."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from insight.backbones.base import finish_patches, patch_identity
 from insight.backbones.dinoiser import DinoiserHeads, load_heads, pool_features
 from insight.cache.format import file_sha256
 
@@ -119,7 +120,7 @@ class OpenCLIPBackbone(nn.Module):
     def identity(self) -> dict[str, Any]:
         import open_clip
 
-        return {
+        return patch_identity({
             "kind": "openclip",
             "open_clip": open_clip.__version__,
             "model": self.cfg.model,
@@ -131,7 +132,7 @@ class OpenCLIPBackbone(nn.Module):
             if self._heads_id is None
             else {"heads_sha256": self._heads_id, "gamma": self.cfg.dinoiser.gamma, "block": self.cfg.dinoiser.block},
             "dim": self.dim,
-        }
+        }, self.cfg.patch_norm)
 
     # ------------------------------------------------------------ helpers
     def _autocast(self):
@@ -211,7 +212,7 @@ class OpenCLIPBackbone(nn.Module):
                 corr = self.heads.float().correlations(mid_bchw, self.cfg.dinoiser.gamma)
                 feats_bnd = pool_features(corr, feats_bnd)
                 self.last_background = self.heads.background(mid_bchw).cpu()
-        return feats_bnd.reshape(x.shape[0], gh, gw, -1).cpu()
+        return finish_patches(feats_bnd.reshape(x.shape[0], gh, gw, -1), self.cfg.patch_norm).cpu()
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
