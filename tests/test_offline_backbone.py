@@ -137,6 +137,12 @@ def test_alignment_is_cached_and_addressed_by_route(probs, offline_dir):
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
     assert not build_backbone(_cfg(offline_dir, "backbone.offline_route=devise").backbone).fitted
 
+    # backbone.patch_norm=unit (the quickstart's): the same patches at length 1, another cache address.
+    unit = build_backbone(_cfg(offline_dir, "backbone.patch_norm=unit").backbone)
+    assert not unit.fitted and unit.identity() == {**first.identity(), "patch_norm": "unit"}
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(unit.encode_patches(x), F.normalize(first.encode_patches(x), dim=-1))
+
 
 def test_auto_falls_back_to_offline_loudly(offline_dir, tmp_path, monkeypatch, caplog):
     import huggingface_hub.constants
