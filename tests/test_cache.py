@@ -114,6 +114,25 @@ def test_import_round_trip_with_text(tmp_path):
     assert toks.shape == (81, 8)
 
 
+def test_shuffled_tokens_mix_shards_and_cover_the_split_once(tmp_path):
+    """Batches drawn one shard at a time are a few images' views each; the shuffle pool mixes shards."""
+    arr = np.repeat(np.arange(40, dtype=np.float32), 4 * 2).reshape(40, 2, 2, 2)  # token value = its image
+    np.save(tmp_path / "f.npy", arr)
+    reader = CacheReader(import_features(str(tmp_path / "f.npy"), str(tmp_path / "c"), shard_images=10)["cache"])
+    image_of = {img: n for n, (img, _) in enumerate(reader.iter_images())}
+    shard_of_value = {float(v[0, 0, 0]): image_of[img] // 10 for img, v in reader.iter_images()}
+
+    def shards_per_batch(**kw):
+        batches = list(reader.iter_tokens(8, shuffle=True, seed=3, **kw))
+        values = np.concatenate(batches)[:, 0]
+        assert sorted(values.tolist()) == sorted(arr[..., 0].ravel().tolist())  # every token exactly once
+        return [len({shard_of_value[float(v)] for v in b[:, 0]}) for b in batches]
+
+    assert shards_per_batch() == [1] * 20  # without a pool: each batch is one shard's (4 shards of 40 tokens)
+    mixed = shards_per_batch(shuffle_buffer=10_000)  # a pool larger than the cache: shuffled whole
+    assert min(mixed) >= 2 and np.mean(mixed) >= 3, mixed
+
+
 def test_import_rejects_bad_input(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((4, 8), np.float32))
     with pytest.raises(CacheError, match=r"\(N, H, W, D\)"):

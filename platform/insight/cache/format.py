@@ -376,14 +376,22 @@ class CacheReader:
                 yield image_id, feats[i].astype(np.float32, copy=False)
 
     def iter_tokens(self, batch_size: int, split: str | None = None, val_fraction: float = 0.0,
-                    shuffle: bool = False, seed: int = 0) -> Iterator[np.ndarray]:
-        """Yield (batch_size, D) float32 token batches (the last one may be smaller)."""
+                    shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 0) -> Iterator[np.ndarray]:
+        """Yield (batch_size, D) float32 token batches (the last one may be smaller).
+
+        With ``shuffle``, shards come in a random order and tokens are drawn from a pool that keeps at
+        least ``shuffle_buffer`` tokens (and the newest shard) resident, reshuffled whenever a shard joins
+        it, so a batch mixes many shards (like Ray Data's local shuffle buffer on the distributed path). A
+        shard holds a few images' views, so batches drawn from one shard at a time are strongly
+        correlated: the quickstart's SAE trained on them ended at training FVU 0.13 and validation FVU
+        0.31, against 0.05 and 0.23 with the pool. A pool larger than the split shuffles it whole.
+        """
         rng = np.random.default_rng(seed)
         order = list(range(len(self.manifest.shards)))
         if shuffle:
             rng.shuffle(order)
-        buf: list[np.ndarray] = []
-        have = 0
+        keep_back = max(0, int(shuffle_buffer)) if shuffle else 0
+        pool = np.zeros((0, self.manifest.dim), np.float32)
         for s in order:
             ids, feats = self.read_shard(self.manifest.shards[s])
             keep = [i for i, x in enumerate(ids)
@@ -391,16 +399,14 @@ class CacheReader:
             if not keep:
                 continue
             toks = feats[keep].reshape(-1, self.manifest.dim).astype(np.float32)
+            pool = np.concatenate([pool, toks]) if len(pool) else toks
             if shuffle:
-                toks = toks[rng.permutation(len(toks))]
-            buf.append(toks)
-            have += len(toks)
-            while have >= batch_size:
-                cat = np.concatenate(buf)
-                yield cat[:batch_size]
-                buf, have = [cat[batch_size:]], len(cat) - batch_size
-        if have:
-            yield np.concatenate(buf)
+                pool = pool[rng.permutation(len(pool))]
+            while len(pool) >= batch_size + keep_back:
+                yield pool[:batch_size]
+                pool = pool[batch_size:]
+        for i in range(0, len(pool), batch_size):
+            yield pool[i : i + batch_size]
 
     def to_ray_dataset(self, split: str | None = None, val_fraction: float = 0.0, num_cpus: float = 0.5):
         """A Ray Dataset of patch tokens: one row per token, column ``x`` (D,) float32.

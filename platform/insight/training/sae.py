@@ -116,12 +116,13 @@ def evaluate(sae, x_nd, batch: int = 8192) -> dict[str, float]:
                 "val_l0_per_k": val_l0 / sae.k}
 
 
-def _batches_local(reader, per_worker: int, val_fraction: float, seed: int):
+def _batches_local(reader, per_worker: int, val_fraction: float, seed: int, shuffle_buffer: int):
     import torch
 
     epoch = 0
     while True:
-        for x in reader.iter_tokens(per_worker, "train", val_fraction, shuffle=True, seed=seed + epoch):
+        for x in reader.iter_tokens(per_worker, "train", val_fraction, shuffle=True, seed=seed + epoch,
+                                    shuffle_buffer=shuffle_buffer):
             if len(x) == per_worker:
                 yield torch.from_numpy(x)
         epoch += 1
@@ -195,7 +196,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if config.get("runner") == "train":
         batches = _batches_ray(per_worker, cfg.train.shuffle_buffer, device)
     else:
-        batches = _batches_local(reader, per_worker, cfg.cache.val_fraction, cfg.train.seed + step)
+        batches = _batches_local(reader, per_worker, cfg.cache.val_fraction, cfg.train.seed + step,
+                                 cfg.train.shuffle_buffer)
 
     if resumed_from is None:
         first = next(batches).to(device)
