@@ -407,7 +407,8 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
         return {
             "run_id": run.info.run_id, "checkpoint": str(final), "cache": cache, "cache_key": reader.key,
             "steps": int(metrics.get("step", total_steps)), "fvu": metrics.get("fvu"), "l0": metrics.get("l0"),
-            "val_fvu": metrics.get("val_fvu"), "val_l0": metrics.get("val_l0"), "k": cfg.sae.k,
+            "val_fvu": metrics.get("val_fvu"), "val_cosine": metrics.get("val_cosine"),
+            "val_l0": metrics.get("val_l0"), "k": cfg.sae.k,
             "val_l0_per_k": metrics.get("val_l0_per_k"), "threshold": metrics.get("threshold"),
             "tokens_per_s": metrics.get("tokens_per_s"), "resumed_from": metrics.get("resumed_from"),
             "num_workers": cfg.train.num_workers, "wall_s": wall,
