@@ -49,11 +49,11 @@ def wait_until(what: str, ready, timeout_s: float, proc: subprocess.Popen | None
                log: Path | None = None, every: float = 0.5):
     """Poll ``ready`` until it returns something truthy, and return that. A ``ready`` that raises
     counts as not ready yet (a server still starting refuses connections); a ``proc`` that exits
-    first fails at once, with the tail of its ``log``."""
+    first fails at once with `ProcessExited`, carrying the tail of its ``log``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+            raise ProcessExited(f"{what}: the process exited with {proc.returncode}:\n{_tail(log)}")
         try:
             got = ready()
         except Exception:  # noqa: BLE001 - not up yet
@@ -226,7 +226,7 @@ class LocalCluster:
                 self._await_node(name, lambda n, old=frozenset(before): f"worker-{i}" in n.resources_total
                                  and n.node_id not in old, timeout_s)
                 return
-            except _NodeExited:
+            except ProcessExited:
                 if attempt == 2:
                     raise
                 self.stop(name)
@@ -249,29 +249,21 @@ class LocalCluster:
 
     def _gcs_nodes(self) -> list:
         """Every node the GCS knows (ALIVE and DEAD), through the state API: the dashboard's own node
-        list (``ray_nodes``) trails the GCS by seconds and shows a killed node ALIVE until it notices."""
+        list (``/nodes?view=summary``) trails the GCS by seconds and shows a killed node ALIVE until it notices."""
         from ray.util.state import list_nodes
 
         return list_nodes(address=self.urls["ray_dashboard"], limit=10_000, timeout=30,
                           raise_on_missing_output=False)
 
     def _await_node(self, name: str, match, timeout_s: float) -> None:
-        """Wait until an ALIVE node satisfying ``match`` exists; record its id as ``name``'s node."""
+        """Wait until an ALIVE node satisfying ``match`` exists; record its id as ``name``'s node.
+        `ProcessExited` when ``name``'s ``ray start`` ends first."""
         rec = self.procs[name]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not _alive(rec["pid"]):
-                raise _NodeExited(f"{name} exited before joining:\n{_tail(Path(rec['log']))}")
-            try:
-                found = [n for n in self._gcs_nodes() if n.state == "ALIVE" and match(n)]
-            except Exception:  # noqa: BLE001 - dashboard still starting
-                found = []
-            if found:
-                rec["node_id"] = found[0].node_id
-                self.save()
-                return
-            time.sleep(1)
-        raise RuntimeError(f"{name} not ALIVE in the GCS after {timeout_s:.0f} s:\n{_tail(Path(rec['log']))}")
+        found = wait_until(f"{name} (ALIVE in the GCS)",
+                           lambda: [n for n in self._gcs_nodes() if n.state == "ALIVE" and match(n)],
+                           timeout_s, proc=_Pid(rec["pid"]), log=Path(rec["log"]), every=1)
+        rec["node_id"] = found[0].node_id
+        self.save()
 
     def node_name(self, node_id: str) -> str:
         """Which of our processes (``ray-head``, ``ray-worker-<i>``) is the Ray node ``node_id``.
@@ -288,14 +280,6 @@ class LocalCluster:
         """Node id -> our name of every node the GCS lists ALIVE (a node not started here: '?')."""
         names = {rec["node_id"]: name for name, rec in self.procs.items() if rec.get("node_id")}
         return {n.node_id: names.get(n.node_id, "?") for n in self._gcs_nodes() if n.state == "ALIVE"}
-
-    def ray_nodes(self) -> list[dict]:
-        import urllib.request
-
-        url = f"{self.urls['ray_dashboard']}/nodes?view=summary"
-        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback URL we built
-            summary = json.loads(r.read())["data"]["summary"]
-        return [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
 
     def wait_for_nodes(self, n: int, timeout_s: float = 180) -> None:
         """Wait until the GCS lists ``n`` ALIVE nodes (a killed one reads ALIVE for ~30 s: after a
@@ -364,8 +348,8 @@ class LocalCluster:
                 "logs": str(self.root / "logs")}
 
 
-class _NodeExited(RuntimeError):
-    """A ``ray start`` ended before its node joined the cluster."""
+class ProcessExited(RuntimeError):
+    """A process `wait_until` watched ended before what it waited for was ready."""
 
 
 class _Pid:
@@ -375,7 +359,8 @@ class _Pid:
         self.pid, self.returncode = pid, None
 
     def poll(self):
-        return None if _alive(self.pid) else -1
+        self.returncode = None if _alive(self.pid) else -1
+        return self.returncode
 
 
 def _alive(pid: int) -> bool:
