@@ -39,6 +39,7 @@ from insight.cache.format import (
     resolve_fs,
     sha256,
     shard_file_name,
+    sidecar_name,
 )
 from insight.cache.locate import cache_location
 from insight.cache.lock import ExtractionLock, make_guard
@@ -194,7 +195,7 @@ class ShardWorker:
                     "stages": {k: round(v, 4) for k, v in t.items()}, "span": [begun, time.time()],
                     "cpu": [cpu0, time.process_time()],  # the replica process's CPU seconds (all its threads)
                     "replica_init_s": round(self.init_s, 3), "replica": self.replica}
-            atomic_write(self.fs, join(self.path, "shards", f"shard-{int(shard):05d}.json"),
+            atomic_write(self.fs, join(self.path, "shards", sidecar_name(int(shard))),
                          json.dumps(side).encode(), guard=guard)
             out["shard"].append(int(shard))
             out["meta"].append(json.dumps(side))
@@ -246,7 +247,7 @@ def _extract_locked(cfg, progress: bool, dataset, backbone, identity: dict[str, 
     plan = [(s, s * size, min(len(items), (s + 1) * size)) for s in range((len(items) + size - 1) // size)]
     done: dict[int, dict] = {}
     for s, _, _ in plan:
-        side = join(path, "shards", f"shard-{s:05d}.json")
+        side = join(path, "shards", sidecar_name(s))
         if not exists(fs, side):
             continue
         rec = json.loads(read_bytes(fs, side))

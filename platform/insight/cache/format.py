@@ -198,6 +198,12 @@ def shard_file_name(index: int, digest: str) -> str:
     return f"shard-{index:05d}-{digest[:12]}.parquet"
 
 
+def sidecar_name(index: int) -> str:
+    """The extraction sidecar of shard ``index``: named by position alone, so a resumed run finds it
+    without knowing the shard file's content name (the sidecar names that file)."""
+    return f"shard-{index:05d}.json"
+
+
 def encode_shard(ids: list[str], indices: list[int], feats_nhwd: np.ndarray, dtype: str) -> pa.Buffer:
     """One shard's Parquet bytes (a bytes-like pyarrow Buffer).
 
