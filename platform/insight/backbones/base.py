@@ -56,6 +56,11 @@ def patch_identity(ident: dict[str, Any], patch_norm: str) -> dict[str, Any]:
     return ident if patch_norm == "none" else {**ident, "patch_norm": patch_norm}
 
 
+def text_identity(ident: dict[str, Any]) -> dict[str, Any]:
+    """What of a backbone's identity determines its text vectors: all of it but the patch scaling."""
+    return {k: v for k, v in ident.items() if k != "patch_norm"}
+
+
 def embed_classnames(
     backbone: Backbone, names: list[str], templates: list[str], batch: int = 256
 ) -> torch.Tensor:

@@ -229,6 +229,7 @@ def embed_vocabulary(backbone_cfg: Any, words: list[str], cache_dir: str | os.Pa
     from safetensors.numpy import load_file
 
     from insight.backbones import build_backbone, embed_classnames
+    from insight.backbones.base import text_identity
 
     backbone = build_backbone(backbone_cfg, device="cpu")
     identity = backbone.identity()
@@ -236,8 +237,7 @@ def embed_vocabulary(backbone_cfg: Any, words: list[str], cache_dir: str | os.Pa
         log.warning("vocabulary: the cache was made by backbone %s but the model's config builds %s; names may "
                     "not match the features", json.dumps(cache_identity, default=str)[:300],
                     json.dumps(identity, default=str)[:300])
-    text_identity = {k: v for k, v in identity.items() if k != "patch_norm"}  # patch scaling leaves text alone
-    key = embedding_key(text_identity, words, backbone_cfg.templates)
+    key = embedding_key(text_identity(identity), words, backbone_cfg.templates)
     path = Path(cache_dir) / f"vocab-{key}.safetensors"
     if path.is_file():
         try:
