@@ -211,9 +211,9 @@ def train_loop(config: dict[str, Any]) -> None:
     val_x = None
     heldout_theta = cfg.sae.threshold_calibration_batches > 0 and cfg.sae.threshold_calibration_split == "heldout"
     if rank == 0 or heldout_theta:  # every worker calibrates theta on the same held-out tokens
-        val = list(reader.iter_tokens(VAL_TOKENS, "val", cfg.cache.val_fraction))
-        if val:
-            val_x = torch.from_numpy(val[0]).to(device)
+        first_val = next(reader.iter_tokens(VAL_TOKENS, "val", cfg.cache.val_fraction), None)  # stops reading there
+        if first_val is not None:
+            val_x = torch.from_numpy(first_val).to(device)
     client = None
     if rank == 0 and config.get("run_id"):
         from mlflow import MlflowClient
