@@ -212,7 +212,9 @@ def test_pipeline_on_the_topology(topo, workdir):
         assert status == 200, body[:500]
         from skimage import data as skdata
 
-        status, body = _http("POST", f"{base}/v1/explain?top_k=4", _png(skdata.chelsea()),
+        from serving import png_bytes
+
+        status, body = _http("POST", f"{base}/v1/explain?top_k=4", png_bytes(skdata.chelsea()),
                              {"Content-Type": "image/png"})
         assert status == 200, body[:2000]
         answer = json.loads(body)
@@ -225,16 +227,6 @@ def test_pipeline_on_the_topology(topo, workdir):
         # Serve's REST API on the dashboard (what `serve shutdown --address` calls): every app and proxy goes.
         _http("DELETE", f"{topo.urls['ray_dashboard']}/api/serve/applications/", timeout=120)
     _wait_until("Serve to shut down", lambda: _refused(f"{base}/healthz"), timeout=180, every=2)
-
-
-def _png(pixels) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _refused(url: str) -> bool:
